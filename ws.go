@@ -1,0 +1,370 @@
+package main
+
+// The WebSocket side of "Plugging AMQP and WebSockets": the post's Tornado
+// WSHandler, whose on_message publishes browser messages on the bus
+// (ws2amqp) and whose push_message writes bus messages (amqp2ws) to the
+// browser.
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"github.com/gorilla/websocket"
+)
+
+// Bus priorities of the web side: browsers leave before the AMQP plugin
+// drains its outbox, so that nothing they sent is left behind.
+const (
+	PriorityWebStart = 60 // after PriorityAMQPStart
+	PriorityWebStop  = 40 // before PriorityAMQPStop
+)
+
+// WSConfig holds the limits of the WebSocket handler.
+type WSConfig struct {
+	MaxMessage int64         // largest browser message, in bytes
+	SendQueue  int           // messages queued for one browser before it is too slow
+	MaxConns   int           // browsers connected at once
+	WriteWait  time.Duration // bounds one write to a browser
+	PongWait   time.Duration // how long a browser may stay silent, pongs included
+	Origins    []string      // origins allowed besides the page's own ("https://example.com")
+
+	CloseTimeout time.Duration // bounds how long browsers get to leave on shutdown
+}
+
+// pingPeriod is how often browsers are pinged. Must be less than PongWait,
+// so that a live browser's pong arrives before its read deadline.
+func (cfg WSConfig) pingPeriod() time.Duration { return cfg.PongWait * 9 / 10 }
+
+// closeWait bounds how long a closing connection waits for the browser's
+// answering close frame before it drops the TCP connection.
+const closeWait = 2 * time.Second
+
+// Hub is the WebSocket handler: it upgrades browsers at /ws, moves their
+// messages onto the bus, and fans every amqp2ws message out to all of them.
+type Hub struct {
+	bus      *Bus
+	cfg      WSConfig
+	upgrader websocket.Upgrader
+
+	// mu guards clients and closing.
+	mu      sync.Mutex
+	clients map[*client]struct{}
+	closing bool // Close has begun; new browsers are turned away
+
+	wg sync.WaitGroup // one count per reader and per writer goroutine
+}
+
+// NewHub returns the WebSocket handler for b. Call Subscribe to plug it in.
+func NewHub(b *Bus, cfg WSConfig) *Hub {
+	h := &Hub{bus: b, cfg: cfg, clients: make(map[*client]struct{})}
+	h.upgrader = websocket.Upgrader{
+		ReadBufferSize:  1024,
+		WriteBufferSize: 1024,
+		// Idle browsers hold no write buffer: it is taken from the pool
+		// for the length of one write.
+		WriteBufferPool: &sync.Pool{},
+		CheckOrigin:     h.checkOrigin,
+	}
+	return h
+}
+
+// Subscribe plugs the hub into the bus: every amqp2ws message goes to
+// every browser, and browsers are sent away when the bus stops.
+func (h *Hub) Subscribe() {
+	h.bus.Subscribe(ChannelStart, "ws", PriorityWebStart, func(...any) (any, error) {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		h.closing = false
+		return nil, nil
+	})
+	h.bus.Subscribe(ChannelStop, "ws", PriorityWebStop, func(...any) (any, error) {
+		h.Close(time.Now().Add(h.cfg.CloseTimeout))
+		return nil, nil
+	})
+	h.bus.Subscribe(ChannelAMQP2WS, "ws", DefaultPriority, func(args ...any) (any, error) {
+		return nil, h.broadcast(args[0].([]byte))
+	})
+}
+
+// checkOrigin allows handshakes from the page's own origin, from the
+// origins in cfg.Origins, and from clients that send no Origin (they are
+// not browsers, so there is no cross-site request to forge).
+func (h *Hub) checkOrigin(r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return true
+	}
+	u, err := url.Parse(origin)
+	if err != nil {
+		return false
+	}
+	return strings.EqualFold(u.Host, r.Host) || slices.Contains(h.cfg.Origins, origin)
+}
+
+// Clients returns how many browsers are connected.
+func (h *Hub) Clients() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.clients)
+}
+
+// ServeHTTP upgrades a browser to a WebSocket and starts its reader and
+// writer goroutines.
+func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.mu.Lock()
+	refuse := ""
+	switch {
+	case h.closing:
+		refuse = "server shutting down"
+	case len(h.clients) >= h.cfg.MaxConns:
+		refuse = fmt.Sprintf("too many connections (limit %d)", h.cfg.MaxConns)
+	}
+	h.mu.Unlock()
+	if refuse != "" {
+		http.Error(w, refuse, http.StatusServiceUnavailable)
+		return
+	}
+	conn, err := h.upgrader.Upgrade(w, r, nil) // on failure it has answered 400 or 403
+	if err != nil {
+		h.bus.Log("websocket handshake refused", slog.LevelInfo, "remote", r.RemoteAddr, "err", err)
+		return
+	}
+	c := &client{
+		hub:      h,
+		conn:     conn,
+		send:     make(chan *websocket.PreparedMessage, h.cfg.SendQueue),
+		quit:     make(chan struct{}),
+		readDone: make(chan struct{}),
+	}
+	h.mu.Lock()
+	if h.closing {
+		c.close(websocket.CloseGoingAway, "server shutting down")
+	}
+	h.clients[c] = struct{}{}
+	h.wg.Add(2)
+	h.mu.Unlock()
+	go c.writeLoop()
+	go c.readLoop()
+}
+
+// broadcast frames body once and queues it for every browser. A browser
+// whose queue is full is too slow: it is disconnected, never waited for.
+// It runs on the AMQP plugin's consuming goroutine.
+func (h *Hub) broadcast(body []byte) error {
+	if !utf8.Valid(body) {
+		return errors.New("ws: broker message is not valid UTF-8; browsers only take text")
+	}
+	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, body)
+	if err != nil {
+		return fmt.Errorf("ws: prepare message: %w", err)
+	}
+	var slow []*client
+	h.mu.Lock()
+	for c := range h.clients {
+		select {
+		case c.send <- pm:
+		default:
+			c.close(websocket.ClosePolicyViolation, "too slow: send queue full")
+			slow = append(slow, c)
+		}
+	}
+	h.mu.Unlock()
+	for _, c := range slow {
+		h.bus.Log("browser cut off as too slow", slog.LevelWarn, "remote", c.conn.RemoteAddr().String(), "queue", h.cfg.SendQueue)
+	}
+	return nil
+}
+
+// Close says goodbye to every browser with 1001 (going away), after the
+// messages already queued for it, and waits until they have all left or
+// the deadline passes, when it drops those that remain.
+func (h *Hub) Close(deadline time.Time) {
+	h.mu.Lock()
+	h.closing = true
+	for c := range h.clients {
+		c.close(websocket.CloseGoingAway, "server shutting down")
+	}
+	h.mu.Unlock()
+
+	left := make(chan struct{})
+	go func() {
+		h.wg.Wait()
+		close(left)
+	}()
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-left:
+	case <-t.C:
+		h.mu.Lock()
+		for c := range h.clients {
+			c.conn.Close()
+		}
+		h.mu.Unlock()
+		<-left
+	}
+}
+
+// client is a middleman between one browser's WebSocket and the hub.
+type client struct {
+	hub  *Hub
+	conn *websocket.Conn
+
+	// send is buffered to cfg.SendQueue messages; when it is full the
+	// browser is not keeping up and is disconnected.
+	send chan *websocket.PreparedMessage
+
+	once     sync.Once
+	quit     chan struct{} // closed by close: the writer says goodbye and leaves
+	code     int           // close code for the goodbye, 0 for none; set before quit closes
+	reason   string        // close reason for the goodbye; set before quit closes
+	readDone chan struct{} // closed when the reader has returned
+}
+
+// close asks the writer to end the connection with code and reason; only
+// the first call counts. Code 0 ends it without a close frame.
+func (c *client) close(code int, reason string) {
+	c.once.Do(func() {
+		c.code, c.reason = code, reason
+		close(c.quit)
+	})
+}
+
+// readLoop moves browser messages onto the bus; it is the conn's only
+// reader. A message it cannot accept ends the connection with a close code
+// saying why; after that it only reads to see the browser's close frame.
+func (c *client) readLoop() {
+	h := c.hub
+	defer func() {
+		c.close(0, "") // the browser left or the connection broke
+		close(c.readDone)
+		h.wg.Done()
+	}()
+	c.conn.SetReadDeadline(time.Now().Add(h.cfg.PongWait))
+	c.conn.SetPongHandler(func(string) error {
+		return c.conn.SetReadDeadline(time.Now().Add(h.cfg.PongWait))
+	})
+	refused := false
+	for {
+		kind, r, err := c.conn.NextReader()
+		if err != nil {
+			return
+		}
+		if refused {
+			io.Copy(io.Discard, r)
+			continue
+		}
+		msg, err := io.ReadAll(io.LimitReader(r, h.cfg.MaxMessage+1))
+		if err != nil {
+			return
+		}
+		if code, reason := c.accept(kind, msg); code != 0 {
+			h.bus.Log("browser message refused", slog.LevelInfo, "remote", c.conn.RemoteAddr().String(), "code", code, "reason", reason)
+			c.close(code, reason)
+			refused = true
+		}
+	}
+}
+
+// accept checks a browser message and publishes it on the bus. It returns
+// 0 on success, or the close code and reason that refuse it.
+func (c *client) accept(kind int, msg []byte) (code int, reason string) {
+	switch {
+	case int64(len(msg)) > c.hub.cfg.MaxMessage:
+		return websocket.CloseMessageTooBig, fmt.Sprintf("message too big: limit is %d bytes", c.hub.cfg.MaxMessage)
+	case kind != websocket.TextMessage:
+		return websocket.CloseUnsupportedData, "binary messages are not supported"
+	case !utf8.Valid(msg):
+		return websocket.CloseInvalidFramePayloadData, "text message is not valid UTF-8"
+	}
+	_, err := c.hub.bus.Publish(ChannelWS2AMQP, msg)
+	switch {
+	case err == nil:
+		return 0, ""
+	case errors.Is(err, ErrOutboxFull):
+		return websocket.CloseTryAgainLater, "broker unavailable: try again later"
+	case errors.Is(err, ErrStopped):
+		return websocket.CloseGoingAway, "server shutting down"
+	}
+	return websocket.CloseInternalServerErr, "internal error"
+}
+
+// writeLoop pushes queued messages and pings to the browser; it is the
+// conn's only writer. It owns the connection's end: when it returns, the
+// TCP connection is closed and the browser unregistered.
+func (c *client) writeLoop() {
+	h := c.hub
+	ping := time.NewTicker(h.cfg.pingPeriod())
+	defer func() {
+		ping.Stop()
+		c.conn.Close()
+		h.mu.Lock()
+		delete(h.clients, c)
+		h.mu.Unlock()
+		h.wg.Done()
+	}()
+	for {
+		// A browser being sent away gets its goodbye before anything
+		// else that is queued.
+		select {
+		case <-c.quit:
+			c.goodbye()
+			return
+		default:
+		}
+		select {
+		case pm := <-c.send:
+			if c.write(pm) != nil {
+				return
+			}
+		case <-ping.C:
+			if c.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(h.cfg.WriteWait)) != nil {
+				return
+			}
+		case <-c.quit:
+			c.goodbye()
+			return
+		}
+	}
+}
+
+// write sends one queued message within the write deadline.
+func (c *client) write(pm *websocket.PreparedMessage) error {
+	c.conn.SetWriteDeadline(time.Now().Add(c.hub.cfg.WriteWait))
+	return c.conn.WritePreparedMessage(pm)
+}
+
+// goodbye ends the connection the way close asked: on shutdown it first
+// delivers what is queued, then it sends the close frame and waits a little
+// for the browser's answer.
+func (c *client) goodbye() {
+	if c.code == 0 {
+		return
+	}
+	if c.code == websocket.CloseGoingAway {
+		for len(c.send) > 0 {
+			if c.write(<-c.send) != nil {
+				return
+			}
+		}
+	}
+	frame := websocket.FormatCloseMessage(c.code, c.reason)
+	if c.conn.WriteControl(websocket.CloseMessage, frame, time.Now().Add(c.hub.cfg.WriteWait)) != nil {
+		return
+	}
+	t := time.NewTimer(closeWait)
+	defer t.Stop()
+	select {
+	case <-c.readDone:
+	case <-t.C:
+	}
+}
