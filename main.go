@@ -56,6 +56,8 @@ type config struct {
 	logLevel        slog.Level
 	amqp            AMQPConfig
 	ws              WSConfig
+	broker          BrokerConfig
+	brokerListen    string
 }
 
 // parseFlags reads the command line; AMQP_URL stands in for -amqp.
@@ -85,6 +87,10 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.DurationVar(&cfg.amqp.DrainTimeout, "drain-timeout", 10*time.Second, "on shutdown, how long to wait for the broker to confirm what browsers sent")
 	fs.DurationVar(&cfg.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on shutdown, how long browsers get to leave")
 
+	// The embedded broker, used when no broker URL is given.
+	fs.StringVar(&cfg.brokerListen, "broker-listen", "", "also serve the embedded broker to AMQP clients on this TCP `address` (e.g. 127.0.0.1:5673)")
+	fs.IntVar(&cfg.broker.MaxQueueLength, "broker-max-queue", 100_000, "embedded broker: ready `messages` a queue holds before dropping the oldest")
+
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
@@ -113,7 +119,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	logger := slog.New(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: cfg.logLevel}))
 	b := NewBus(logger)
 	if cfg.amqp.URL == "" {
-		return errors.New("no broker: give -amqp or set AMQP_URL")
+		if err := startEmbeddedBroker(b, &cfg); err != nil {
+			return err
+		}
 	}
 
 	br := newBridge(b, cfg.amqp, cfg.ws)
@@ -148,6 +156,25 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	return b.Block(time.Second)
+}
+
+// startEmbeddedBroker starts the in-process broker, points the AMQP plugin
+// at it, and closes it when the bus exits, after the plugin has stopped.
+func startEmbeddedBroker(b *Bus, cfg *config) error {
+	broker := NewBroker(cfg.broker)
+	cfg.amqp.URL = "amqp://guest:guest@embedded/"
+	cfg.amqp.Dial = broker.Dial
+	b.Subscribe(ChannelExit, "broker", DefaultPriority, func(...any) (any, error) { return nil, broker.Close() })
+	b.Log("no -amqp flag or AMQP_URL: using the embedded broker; give -amqp amqp://user:password@host:5672/ to use RabbitMQ", slog.LevelInfo)
+	if cfg.brokerListen != "" {
+		addr, err := broker.Listen(cfg.brokerListen)
+		if err != nil {
+			broker.Close()
+			return err
+		}
+		b.Log("embedded broker listening", slog.LevelInfo, "url", "amqp://guest:xxxxx@"+addr.String()+"/")
+	}
+	return nil
 }
 
 // displayAddr turns a listening address into one a browser can open.
