@@ -846,6 +846,9 @@ const (
 	// a client's connection.close-ok.
 	handshakeTimeout = 10 * time.Second
 	closeTimeout     = time.Second
+	// writeTimeout bounds one write: a client that reads nothing for
+	// this long is gone.
+	writeTimeout = time.Minute
 )
 
 // brokerConn is one client connection.
@@ -1148,8 +1151,7 @@ func (c *brokerConn) writeLoop() {
 		buf, c.out = c.out, buf[:0]
 		c.mu.Unlock()
 		if len(buf) > 0 {
-			// A client that reads nothing for this long is gone.
-			c.nc.SetWriteDeadline(time.Now().Add(max(2*c.heartbeat, 30*time.Second)))
+			c.nc.SetWriteDeadline(time.Now().Add(writeTimeout))
 			if _, err := c.nc.Write(buf); err != nil {
 				c.mu.Lock()
 				c.dead, c.out = true, nil
@@ -1288,8 +1290,9 @@ func (ch *brokerChannel) close() {
 	}
 	ch.consumers = nil
 	ch.incoming = nil
-	ch.requeue(ch.unacked)
+	unacked := ch.unacked
 	ch.unacked = nil
+	ch.requeue(unacked)
 }
 
 // requeue returns deliveries to their queues and dispatches them again.
@@ -1709,8 +1712,9 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if requeue := r.bit(); !requeue {
 			return connectionError(replyNotImplemented, m, "requeue=false")
 		}
-		ch.requeue(ch.unacked)
+		unacked := ch.unacked
 		ch.unacked = nil
+		ch.requeue(unacked)
 		if m == basicRecover {
 			reply(false, basicRecoverOk, nil)
 		}

@@ -47,7 +47,7 @@ var (
 // broker always, and RabbitMQ too, from AMQP_URL or else from
 // testcontainers when a Docker engine answers. The same test bodies run
 // against both, so the embedded broker is held to RabbitMQ's behaviour.
-func testBrokers(t *testing.T) []testBroker {
+func testBrokers(t testing.TB) []testBroker {
 	t.Helper()
 	embeddedOnce.Do(func() {
 		addr, err := NewBroker(BrokerConfig{}).Listen("127.0.0.1:0")
