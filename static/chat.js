@@ -37,7 +37,10 @@ function show(data) {
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = typeof line.name === "string" && line.name ? line.name : "anonymous";
-    li.append(name, document.createTextNode(line.text));
+    const text = document.createElement("span");
+    text.className = "text";
+    text.textContent = line.text;
+    li.append(name, text);
   } else {
     li.textContent = data;
   }
