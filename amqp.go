@@ -53,6 +53,8 @@ type AMQPConfig struct {
 
 	Prefetch     int           // deliveries in flight from the broker to this process
 	Outbox       int           // browser messages held while the broker is away
+	QueueExpires time.Duration // how long this process's queue outlives a lost connection
+	QueueLength  int           // messages this process's queue holds while it is away
 	MaxBackoff   time.Duration // longest wait between two reconnection attempts
 	DrainTimeout time.Duration // bounds how long Stop waits for outstanding confirms
 }
@@ -63,17 +65,18 @@ type AMQPConfig struct {
 const maxBatch = 256
 
 // AMQPPlugin moves messages between the bus and an AMQP exchange. Each
-// process has its own exclusive queue bound to the exchange, so every
-// process sees every message; browser messages go out with publisher
-// confirms, and wait in a bounded outbox while the broker is away.
+// process has its own queue bound to the exchange, so every process sees
+// every message; browser messages go out with publisher confirms, and wait
+// in a bounded outbox while the broker is away.
 type AMQPPlugin struct {
-	bus *Bus
-	cfg AMQPConfig
-	id  string // prefix of message ids, unique to this plugin
+	bus   *Bus
+	cfg   AMQPConfig
+	id    string // prefix of message ids, unique to this plugin
+	queue string // this process's queue, the same across reconnections
 
 	// outbox is buffered to cfg.Outbox: browser messages wait there for
 	// the publisher, and a full outbox refuses the next one.
-	outbox chan []byte
+	outbox chan outgoing
 	up     atomic.Bool   // a session is connected and consuming
 	seq    atomic.Uint64 // message id counter
 
@@ -87,16 +90,31 @@ type AMQPPlugin struct {
 
 	// retry holds taken but unconfirmed messages, to publish first on the
 	// next session. Only the supervising goroutine touches it.
-	retry [][]byte
+	retry []outgoing
+
+	// recent drops redeliveries of messages already handed to the bus.
+	// Only the consuming goroutine touches it.
+	recent *recentIDs
+}
+
+// outgoing is a browser message on its way to the exchange. Its id is
+// given once, so that a message published again after a lost confirm
+// keeps it, and consumers can drop the duplicate.
+type outgoing struct {
+	id   string
+	body []byte
 }
 
 // NewAMQPPlugin returns the AMQP plugin for b. Call Subscribe to plug it in.
 func NewAMQPPlugin(b *Bus, cfg AMQPConfig) *AMQPPlugin {
+	id := strconv.FormatUint(rand.Uint64(), 36)
 	return &AMQPPlugin{
 		bus:    b,
 		cfg:    cfg,
-		id:     strconv.FormatUint(rand.Uint64(), 36),
-		outbox: make(chan []byte, cfg.Outbox),
+		id:     id,
+		queue:  "wsamqp-" + id,
+		outbox: make(chan outgoing, cfg.Outbox),
+		recent: newRecentIDs(recentWindow),
 	}
 }
 
@@ -166,19 +184,51 @@ func (p *AMQPPlugin) ws2amqp(body []byte) error {
 	if p.stopped {
 		return ErrStopped
 	}
+	msg := outgoing{id: p.id + "-" + strconv.FormatUint(p.seq.Add(1), 36), body: body}
 	select {
-	case p.outbox <- body:
+	case p.outbox <- msg:
 		return nil
 	default:
 		return ErrOutboxFull
 	}
 }
 
-// amqp2ws hands a broker message to the bus for every browser; it runs on
-// the consuming goroutine.
+// amqp2ws hands a broker message to the bus for every browser, unless it
+// is a redelivery of one already handed over; it runs on the consuming
+// goroutine.
 func (p *AMQPPlugin) amqp2ws(d amqp.Delivery) {
-	p.bus.Publish(ChannelAMQP2WS, d.Body)
+	if d.AppId != "wsamqp" || d.MessageId == "" || !p.recent.seen(d.MessageId) {
+		p.bus.Publish(ChannelAMQP2WS, d.Body)
+	}
 	d.Ack(false) // an error means the AMQP channel is gone, and the consume loop learns it next
+}
+
+// recentWindow is how many message ids a plugin remembers to drop
+// duplicates: far more than can be in flight across one reconnection
+// (prefetch plus one publish batch per process).
+const recentWindow = 8192
+
+// recentIDs remembers the last n message ids it was shown.
+type recentIDs struct {
+	ring []string
+	next int
+	set  map[string]struct{}
+}
+
+func newRecentIDs(n int) *recentIDs {
+	return &recentIDs{ring: make([]string, n), set: make(map[string]struct{}, n)}
+}
+
+// seen reports whether id is among the remembered ones, and remembers it.
+func (r *recentIDs) seen(id string) bool {
+	if _, ok := r.set[id]; ok {
+		return true
+	}
+	delete(r.set, r.ring[r.next])
+	r.ring[r.next] = id
+	r.set[id] = struct{}{}
+	r.next = (r.next + 1) % len(r.ring)
+	return false
 }
 
 // session is one connection to the broker with its two AMQP channels: one
@@ -194,8 +244,8 @@ type session struct {
 	consumed   chan struct{} // closed when deliveries is closed and drained
 }
 
-// dial connects and declares the topology: the fanout exchange, a
-// server-named exclusive auto-delete queue bound to it, and a consumer.
+// dial connects and declares the topology: the fanout exchange, this
+// process's queue bound to it, and a consumer.
 func (p *AMQPPlugin) dial() (*session, error) {
 	cfg := amqp.Config{
 		Dial:       p.cfg.Dial,
@@ -209,7 +259,7 @@ func (p *AMQPPlugin) dial() (*session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("amqp dial %s: %w", RedactURL(p.cfg.URL), err)
 	}
-	s := &session{conn: conn, tag: "wsamqp-" + p.id, consumed: make(chan struct{})}
+	s := &session{conn: conn, queue: p.queue, tag: "wsamqp-" + p.id, consumed: make(chan struct{})}
 	if err := s.declare(p.cfg); err != nil {
 		conn.Close()
 		return nil, err
@@ -220,6 +270,12 @@ func (p *AMQPPlugin) dial() (*session, error) {
 }
 
 // declare opens the session's AMQP channels and declares its topology.
+//
+// The queue is not exclusive: an exclusive queue goes with its connection,
+// and with it every message routed to it but not yet delivered. This one
+// outlives a lost connection by cfg.QueueExpires (RabbitMQ's x-expires),
+// so a reconnection finds what was sent meanwhile, up to cfg.QueueLength
+// messages; Stop deletes it.
 func (s *session) declare(cfg AMQPConfig) error {
 	var err error
 	if s.consumer, err = s.conn.Channel(); err != nil {
@@ -234,19 +290,22 @@ func (s *session) declare(cfg AMQPConfig) error {
 	if err := s.consumer.ExchangeDeclare(cfg.Exchange, amqp.ExchangeFanout, true, false, false, false, nil); err != nil {
 		return fmt.Errorf("exchange.declare %s: %w", cfg.Exchange, err)
 	}
-	q, err := s.consumer.QueueDeclare("", false, true, true, false, nil)
-	if err != nil {
-		return fmt.Errorf("queue.declare: %w", err)
+	args := amqp.Table{
+		"x-expires":    int32(cfg.QueueExpires.Milliseconds()),
+		"x-max-length": int32(cfg.QueueLength),
+		"x-overflow":   "drop-head",
 	}
-	s.queue = q.Name
-	if err := s.consumer.QueueBind(q.Name, "", cfg.Exchange, false, nil); err != nil {
-		return fmt.Errorf("queue.bind %s: %w", q.Name, err)
+	if _, err := s.consumer.QueueDeclare(s.queue, false, false, false, false, args); err != nil {
+		return fmt.Errorf("queue.declare %s: %w", s.queue, err)
+	}
+	if err := s.consumer.QueueBind(s.queue, "", cfg.Exchange, false, nil); err != nil {
+		return fmt.Errorf("queue.bind %s: %w", s.queue, err)
 	}
 	if err := s.consumer.Qos(cfg.Prefetch, 0, false); err != nil {
 		return fmt.Errorf("basic.qos: %w", err)
 	}
-	if s.deliveries, err = s.consumer.Consume(q.Name, s.tag, false, true, false, false, nil); err != nil {
-		return fmt.Errorf("basic.consume %s: %w", q.Name, err)
+	if s.deliveries, err = s.consumer.Consume(s.queue, s.tag, false, true, false, false, nil); err != nil {
+		return fmt.Errorf("basic.consume %s: %w", s.queue, err)
 	}
 	return nil
 }
@@ -306,9 +365,13 @@ func (p *AMQPPlugin) serve(s *session) error {
 		return err
 	}
 	// Stopping: cancel the consumer, let what was delivered reach the
-	// browsers, then close the AMQP channels and the connection.
+	// browsers, delete the queue, then close the AMQP channels and the
+	// connection.
 	if err := s.consumer.Cancel(s.tag, false); err == nil {
 		<-s.consumed
+	}
+	if _, err := s.consumer.QueueDelete(s.queue, false, false, false); err != nil {
+		p.bus.Log("amqp queue.delete failed; the broker expires it", slog.LevelWarn, "queue", s.queue, "err", err)
 	}
 	s.publisher.Close()
 	s.consumer.Close()
@@ -330,14 +393,14 @@ func (p *AMQPPlugin) publish(s *session) error {
 		p.retry = nil
 		if len(batch) == 0 {
 			select {
-			case body := <-p.outbox:
-				batch = append(batch, body)
+			case msg := <-p.outbox:
+				batch = append(batch, msg)
 			case <-s.consumed:
 				return errConsumerGone
 			case <-p.stopping:
 				select {
-				case body := <-p.outbox:
-					batch = append(batch, body)
+				case msg := <-p.outbox:
+					batch = append(batch, msg)
 				default:
 					return nil // Stop has begun and the outbox is empty
 				}
@@ -354,15 +417,15 @@ func (p *AMQPPlugin) publish(s *session) error {
 
 // publishBatch publishes batch and waits for its confirms; whatever is not
 // confirmed goes to p.retry.
-func (p *AMQPPlugin) publishBatch(s *session, batch [][]byte) error {
+func (p *AMQPPlugin) publishBatch(s *session, batch []outgoing) error {
 	confirms := make([]*amqp.DeferredConfirmation, 0, len(batch))
-	for i, body := range batch {
+	for i, msg := range batch {
 		dc, err := s.publisher.PublishWithDeferredConfirm(p.cfg.Exchange, "", false, false, amqp.Publishing{
 			ContentType: "text/plain; charset=utf-8",
 			Timestamp:   time.Now(),
-			MessageId:   p.id + "-" + strconv.FormatUint(p.seq.Add(1), 36),
+			MessageId:   msg.id,
 			AppId:       "wsamqp",
-			Body:        body,
+			Body:        msg.body,
 		})
 		if err != nil {
 			p.retry = append(p.retry, batch[i:]...)
@@ -379,8 +442,8 @@ func (p *AMQPPlugin) publishBatch(s *session, batch [][]byte) error {
 
 // keepUnconfirmed waits for each confirm (a closing AMQP channel nacks them
 // all) and moves nacked messages to p.retry, in order. It returns how many.
-func (p *AMQPPlugin) keepUnconfirmed(batch [][]byte, confirms []*amqp.DeferredConfirmation) int {
-	var nacked [][]byte
+func (p *AMQPPlugin) keepUnconfirmed(batch []outgoing, confirms []*amqp.DeferredConfirmation) int {
+	var nacked []outgoing
 	for i, dc := range confirms {
 		if ok, err := dc.WaitContext(p.drain); !ok || err != nil {
 			nacked = append(nacked, batch[i])

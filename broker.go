@@ -708,7 +708,9 @@ type queue struct {
 	exclusive  *brokerConn // the owner of an exclusive queue, else nil
 	autoDelete bool
 	maxLength  int
-	rejectNew  bool // x-overflow reject-publish: refuse new messages when full, else drop the oldest
+	rejectNew  bool          // x-overflow reject-publish: refuse new messages when full, else drop the oldest
+	expires    time.Duration // x-expires: delete the queue once unused for this long; 0 never
+	used       uint64        // counts uses, so that an expiry timer knows whether it is stale
 
 	messages  []ready
 	consumers []*consumer
@@ -780,6 +782,25 @@ func (b *Broker) removeConsumer(c *consumer) {
 	if q.autoDelete && q.consumed && len(q.consumers) == 0 {
 		b.deleteQueue(q)
 	}
+	b.use(q)
+}
+
+// use notes that q was used and, if it has an expiry and no consumers,
+// deletes it once it has gone unused for that long, as RabbitMQ's
+// x-expires does.
+func (b *Broker) use(q *queue) {
+	q.used++
+	if q.expires == 0 || len(q.consumers) > 0 {
+		return
+	}
+	used := q.used
+	time.AfterFunc(q.expires, func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if q.used == used && len(q.consumers) == 0 {
+			b.deleteQueue(q)
+		}
+	})
 }
 
 // deleteQueue removes q and its bindings, cancelling its consumers with a
@@ -1520,6 +1541,7 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 			}
 			b.queues[name] = q
 		}
+		b.use(q)
 		ch.lastQueue = name
 		reply(noWait, queueDeclareOk, func(w *wireWriter) {
 			w.shortstr(name)
@@ -1634,6 +1656,7 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		ch.consumers[tag] = cons
 		q.consumers = append(q.consumers, cons)
 		q.consumed = true
+		q.used++ // stops any expiry timer
 		reply(noWait, basicConsumeOk, func(w *wireWriter) { w.shortstr(tag) })
 		q.dispatch()
 		return nil
@@ -1685,6 +1708,7 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		}
 		rd := q.messages[0]
 		q.messages = q.messages[1:]
+		b.use(q)
 		ch.nextTag++
 		if !noAck {
 			ch.unacked = append(ch.unacked, delivery{tag: ch.nextTag, msg: rd.msg, queue: q})
@@ -1741,6 +1765,13 @@ func (q *queue) applyArguments(args Table, m method) *amqpError {
 			return channelError(replyPreconditionFailed, m, "invalid arg 'x-max-length' for queue '%s' in vhost '/'", q.name)
 		}
 		q.maxLength = min(q.maxLength, n)
+	}
+	if v, ok := args["x-expires"]; ok {
+		n, ok := asInt(v)
+		if !ok || n <= 0 {
+			return channelError(replyPreconditionFailed, m, "invalid arg 'x-expires' for queue '%s' in vhost '/'", q.name)
+		}
+		q.expires = time.Duration(n) * time.Millisecond
 	}
 	if v, ok := args["x-overflow"]; ok {
 		switch v {

@@ -51,13 +51,14 @@ func main() {
 
 // config is everything the flags say.
 type config struct {
-	addr            string
-	shutdownTimeout time.Duration
-	logLevel        slog.Level
-	amqp            AMQPConfig
-	ws              WSConfig
-	broker          BrokerConfig
-	brokerListen    string
+	addr              string
+	readHeaderTimeout time.Duration
+	shutdownTimeout   time.Duration
+	logLevel          slog.Level
+	amqp              AMQPConfig
+	ws                WSConfig
+	broker            BrokerConfig
+	brokerListen      string
 }
 
 // parseFlags reads the command line; AMQP_URL stands in for -amqp.
@@ -77,12 +78,17 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.Int64Var(&cfg.ws.MaxMessage, "max-message", 64<<10, "largest browser message in `bytes`; larger ones close with 1009")
 	fs.IntVar(&cfg.ws.SendQueue, "send-queue", 256, "`messages` queued for one browser before it is cut off as too slow")
 	fs.IntVar(&cfg.ws.MaxConns, "max-conns", 10000, "browsers connected at once; more are refused with 503")
+	fs.Float64Var(&cfg.ws.Rate, "rate", 50, "`messages` a second one browser may send on average; more close with 1008 (0: no limit)")
+	fs.IntVar(&cfg.ws.Burst, "burst", 500, "`messages` one browser may send at once above -rate")
+	fs.DurationVar(&cfg.readHeaderTimeout, "read-header-timeout", 5*time.Second, "how long a client gets to send its HTTP request headers")
 	fs.DurationVar(&cfg.ws.WriteWait, "write-wait", 10*time.Second, "bounds one write to a browser")
 	fs.DurationVar(&cfg.ws.PongWait, "pong-wait", 60*time.Second, "how long a silent browser is kept (pinged at 9/10 of it)")
 
 	// Limits on the broker link.
 	fs.IntVar(&cfg.amqp.Outbox, "outbox", 4096, "browser `messages` held while the broker is away; more close with 1013")
 	fs.IntVar(&cfg.amqp.Prefetch, "prefetch", 256, "unacknowledged deliveries from the broker")
+	fs.DurationVar(&cfg.amqp.QueueExpires, "queue-expires", time.Minute, "how long this process's queue outlives a lost connection, keeping what is sent meanwhile")
+	fs.IntVar(&cfg.amqp.QueueLength, "queue-length", 100_000, "`messages` this process's queue keeps while it is away; the oldest go first")
 	fs.DurationVar(&cfg.amqp.MaxBackoff, "max-backoff", 10*time.Second, "longest wait between reconnection attempts")
 	fs.DurationVar(&cfg.amqp.DrainTimeout, "drain-timeout", 10*time.Second, "on shutdown, how long to wait for the broker to confirm what browsers sent")
 	fs.DurationVar(&cfg.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on shutdown, how long browsers get to leave")
@@ -128,7 +134,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	srv := &http.Server{
 		Addr:              cfg.addr,
 		Handler:           br.handler,
-		ReadHeaderTimeout: 5 * time.Second, // a slowloris gets this long to send its headers
+		ReadHeaderTimeout: cfg.readHeaderTimeout, // a slowloris gets this long to send its headers
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}

@@ -117,7 +117,8 @@ func TestHelpListsEveryLimit(t *testing.T) {
 		t.Fatalf("run -h = %v, want flag.ErrHelp", err)
 	}
 	for _, f := range []string{"-addr", "-amqp", "-exchange", "-origin", "-max-message", "-send-queue", "-max-conns",
-		"-write-wait", "-pong-wait", "-outbox", "-prefetch", "-max-backoff", "-drain-timeout", "-shutdown-timeout"} {
+		"-write-wait", "-pong-wait", "-outbox", "-prefetch", "-max-backoff", "-drain-timeout", "-shutdown-timeout",
+		"-rate", "-burst", "-read-header-timeout", "-queue-expires", "-queue-length", "-broker-listen", "-broker-max-queue", "-log-level"} {
 		if !strings.Contains(out.String(), "  "+f+" ") {
 			t.Errorf("-h does not list %s", f)
 		}

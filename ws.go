@@ -33,6 +33,8 @@ type WSConfig struct {
 	MaxMessage int64         // largest browser message, in bytes
 	SendQueue  int           // messages queued for one browser before it is too slow
 	MaxConns   int           // browsers connected at once
+	Rate       float64       // messages a second one browser may send on average; 0 for no limit
+	Burst      int           // messages one browser may send at once, above Rate
 	WriteWait  time.Duration // bounds one write to a browser
 	PongWait   time.Duration // how long a browser may stay silent, pongs included
 	Origins    []string      // origins allowed besides the page's own ("https://example.com")
@@ -253,6 +255,7 @@ func (c *client) readLoop() {
 	c.conn.SetPongHandler(func(string) error {
 		return c.conn.SetReadDeadline(time.Now().Add(h.cfg.PongWait))
 	})
+	limit := newTokenBucket(h.cfg.Rate, h.cfg.Burst)
 	refused := false
 	for {
 		kind, r, err := c.conn.NextReader()
@@ -267,7 +270,14 @@ func (c *client) readLoop() {
 		if err != nil {
 			return
 		}
-		if code, reason := c.accept(kind, msg); code != 0 {
+		code, reason := c.accept(kind, msg)
+		if code == 0 && !limit.allow(time.Now()) {
+			code, reason = websocket.ClosePolicyViolation, fmt.Sprintf("too many messages: limit is %g a second", h.cfg.Rate)
+		}
+		if code == 0 {
+			code, reason = c.publish(msg)
+		}
+		if code != 0 {
 			h.bus.Log("browser message refused", slog.LevelInfo, "remote", c.conn.RemoteAddr().String(), "code", code, "reason", reason)
 			c.close(code, reason)
 			refused = true
@@ -275,8 +285,8 @@ func (c *client) readLoop() {
 	}
 }
 
-// accept checks a browser message and publishes it on the bus. It returns
-// 0 on success, or the close code and reason that refuse it.
+// accept checks a browser message. It returns 0 if the message is
+// acceptable, or the close code and reason that refuse it.
 func (c *client) accept(kind int, msg []byte) (code int, reason string) {
 	switch {
 	case int64(len(msg)) > c.hub.cfg.MaxMessage:
@@ -286,6 +296,12 @@ func (c *client) accept(kind int, msg []byte) (code int, reason string) {
 	case !utf8.Valid(msg):
 		return websocket.CloseInvalidFramePayloadData, "text message is not valid UTF-8"
 	}
+	return 0, ""
+}
+
+// publish puts a browser message on the bus. It returns 0 on success, or
+// the close code and reason that refuse it.
+func (c *client) publish(msg []byte) (code int, reason string) {
 	_, err := c.hub.bus.Publish(ChannelWS2AMQP, msg)
 	switch {
 	case err == nil:
@@ -367,4 +383,30 @@ func (c *client) goodbye() {
 	case <-c.readDone:
 	case <-t.C:
 	}
+}
+
+// tokenBucket limits how fast one browser may send: it holds up to burst
+// tokens, gains rate tokens a second, and each message takes one. It is
+// used by one reader goroutine only.
+type tokenBucket struct {
+	rate, burst, tokens float64
+	last                time.Time
+}
+
+func newTokenBucket(rate float64, burst int) *tokenBucket {
+	return &tokenBucket{rate: rate, burst: float64(burst), tokens: float64(burst), last: time.Now()}
+}
+
+// allow takes a token if there is one; a zero rate allows everything.
+func (b *tokenBucket) allow(now time.Time) bool {
+	if b.rate <= 0 {
+		return true
+	}
+	b.tokens = min(b.burst, b.tokens+now.Sub(b.last).Seconds()*b.rate)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
 }
