@@ -200,7 +200,6 @@ func (p *AMQPPlugin) amqp2ws(d amqp.Delivery) {
 	if d.AppId != "wsamqp" || d.MessageId == "" || !p.recent.seen(d.MessageId) {
 		p.bus.Publish(ChannelAMQP2WS, d.Body)
 	}
-	d.Ack(false) // an error means the AMQP channel is gone, and the consume loop learns it next
 }
 
 // recentWindow is how many message ids a plugin remembers to drop
@@ -354,8 +353,17 @@ func (p *AMQPPlugin) reconnect() *session {
 func (p *AMQPPlugin) serve(s *session) error {
 	go func() {
 		defer close(s.consumed)
+		// Acknowledging a quarter of the prefetch at a time (multiple=true)
+		// saves a frame per message and never stalls the broker. What is
+		// left unacknowledged when the flow stops is harmless: if the
+		// connection goes, it comes back as redeliveries, which amqp2ws drops.
+		ackEvery, unacked := max(1, p.cfg.Prefetch/4), 0
 		for d := range s.deliveries {
 			p.amqp2ws(d)
+			if unacked++; unacked == ackEvery {
+				d.Ack(true) // an error means the AMQP channel is gone, and this loop ends next
+				unacked = 0
+			}
 		}
 	}()
 	err := p.publish(s)

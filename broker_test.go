@@ -226,10 +226,15 @@ func TestBrokerAcknowledgements(t *testing.T) {
 	must(t, d.Ack(false))
 
 	// Acking an unknown tag is a channel error.
-	if err := ch.Ack(999, false); err == nil {
-		if _, err = ch.QueueDeclarePassive(q.Name, false, true, true, false, nil); amqpCode(err) != amqp.PreconditionFailed {
-			t.Errorf("after ack of unknown tag: %v, want 406", err)
+	closed := ch.NotifyClose(make(chan *amqp.Error, 1))
+	must(t, ch.Ack(999, false))
+	select {
+	case e := <-closed:
+		if e == nil || e.Code != amqp.PreconditionFailed {
+			t.Errorf("after ack of an unknown tag the channel closed with %v, want 406", e)
 		}
+	case <-time.After(waitFor):
+		t.Error("ack of an unknown tag did not close the channel")
 	}
 }
 

@@ -120,7 +120,7 @@ func forEachBroker(t *testing.T, test func(t *testing.T, broker testBroker)) {
 
 // testExchange returns an exchange name no other test run uses, since
 // the RabbitMQ on a machine is shared, and deletes it after the test.
-func testExchange(t *testing.T, broker testBroker) string {
+func testExchange(t testing.TB, broker testBroker) string {
 	t.Helper()
 	b := make([]byte, 6)
 	rand.Read(b)
@@ -207,7 +207,7 @@ func (tb *testBridge) dial(t *testing.T) *websocket.Conn {
 }
 
 // poll checks cond until it holds, or fails the test after waitFor.
-func poll(t *testing.T, what string, cond func() bool) {
+func poll(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(waitFor)
 	for !cond() {

@@ -16,6 +16,7 @@
 //	go run .                              # embedded broker, chat at http://localhost:8888/
 //	go run . -amqp amqp://guest:guest@localhost:5672/
 //	go run . -h                           # every flag and limit
+//	go run . load ws://127.0.0.1:8888/ws  # the load tool; go run . load -h
 package main
 
 import (
@@ -116,8 +117,12 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 }
 
 // run is the program: it wires the plugins to a bus, starts it, and blocks
-// until the bus exits, by signal or because ctx is done.
+// until the bus exits, by signal or because ctx is done. With "load" as its
+// first argument it is the load tool instead (load.go).
 func run(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) > 0 && args[0] == "load" {
+		return runLoad(ctx, args[1:], stdout)
+	}
 	cfg, err := parseFlags(args, stdout)
 	if err != nil {
 		return err

@@ -6,10 +6,12 @@ package main
 // browser.
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -135,7 +137,8 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, refuse, http.StatusServiceUnavailable)
 		return
 	}
-	conn, err := h.upgrader.Upgrade(w, r, nil) // on failure it has answered 400 or 403
+	hj := &hijacker{ResponseWriter: w}
+	conn, err := h.upgrader.Upgrade(hj, r, nil) // on failure it has answered 400 or 403
 	if err != nil {
 		h.bus.Log("websocket handshake refused", slog.LevelInfo, "remote", r.RemoteAddr, "err", err)
 		return
@@ -143,6 +146,7 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c := &client{
 		hub:      h,
 		conn:     conn,
+		batch:    hj.conn,
 		send:     make(chan *websocket.PreparedMessage, h.cfg.SendQueue),
 		quit:     make(chan struct{}),
 		readDone: make(chan struct{}),
@@ -175,8 +179,9 @@ func (h *Hub) broadcast(body []byte) error {
 		select {
 		case c.send <- pm:
 		default:
-			c.close(websocket.ClosePolicyViolation, "too slow: send queue full")
-			slow = append(slow, c)
+			if c.close(websocket.ClosePolicyViolation, "too slow: send queue full") {
+				slow = append(slow, c)
+			}
 		}
 	}
 	h.mu.Unlock()
@@ -218,8 +223,9 @@ func (h *Hub) Close(deadline time.Time) {
 
 // client is a middleman between one browser's WebSocket and the hub.
 type client struct {
-	hub  *Hub
-	conn *websocket.Conn
+	hub   *Hub
+	conn  *websocket.Conn
+	batch *batchConn // conn's TCP connection, which the writer batches frames on
 
 	// send is buffered to cfg.SendQueue messages; when it is full the
 	// browser is not keeping up and is disconnected.
@@ -233,12 +239,15 @@ type client struct {
 }
 
 // close asks the writer to end the connection with code and reason; only
-// the first call counts. Code 0 ends it without a close frame.
-func (c *client) close(code int, reason string) {
+// the first call counts, and it reports whether it was the first. Code 0
+// ends it without a close frame.
+func (c *client) close(code int, reason string) (first bool) {
 	c.once.Do(func() {
 		c.code, c.reason = code, reason
 		close(c.quit)
+		first = true
 	})
+	return first
 }
 
 // readLoop moves browser messages onto the bus; it is the conn's only
@@ -339,7 +348,7 @@ func (c *client) writeLoop() {
 		}
 		select {
 		case pm := <-c.send:
-			if c.write(pm) != nil {
+			if c.writeBatch(pm) != nil {
 				return
 			}
 		case <-ping.C:
@@ -353,10 +362,24 @@ func (c *client) writeLoop() {
 	}
 }
 
-// write sends one queued message within the write deadline.
-func (c *client) write(pm *websocket.PreparedMessage) error {
+// maxWriteBatch bounds how many queued messages go out in one write:
+// enough to amortize the system call, few enough that a write is short.
+const maxWriteBatch = 64
+
+// writeBatch sends pm and what else is queued behind it, up to
+// maxWriteBatch messages, in one write to the socket, within the write
+// deadline.
+func (c *client) writeBatch(pm *websocket.PreparedMessage) error {
+	c.batch.hold()
 	c.conn.SetWriteDeadline(time.Now().Add(c.hub.cfg.WriteWait))
-	return c.conn.WritePreparedMessage(pm)
+	err := c.conn.WritePreparedMessage(pm)
+	for n := 1; err == nil && n < maxWriteBatch && len(c.send) > 0; n++ {
+		err = c.conn.WritePreparedMessage(<-c.send)
+	}
+	if ferr := c.batch.flush(); err == nil {
+		err = ferr
+	}
+	return err
 }
 
 // goodbye ends the connection the way close asked: on shutdown it first
@@ -368,7 +391,7 @@ func (c *client) goodbye() {
 	}
 	if c.code == websocket.CloseGoingAway {
 		for len(c.send) > 0 {
-			if c.write(<-c.send) != nil {
+			if c.writeBatch(<-c.send) != nil {
 				return
 			}
 		}
@@ -409,4 +432,74 @@ func (b *tokenBucket) allow(now time.Time) bool {
 	}
 	b.tokens--
 	return true
+}
+
+// hijacker hands gorilla's Upgrade a batchConn in place of the browser's
+// TCP connection.
+type hijacker struct {
+	http.ResponseWriter
+	conn *batchConn // set by Hijack
+}
+
+func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	h.conn = &batchConn{Conn: nc}
+	return h.conn, brw, nil
+}
+
+// batchConn is a browser's TCP connection as gorilla sees it. While the
+// writer holds it, the frames that gorilla writes collect in a buffer, and
+// flush sends them in one system call; otherwise writes go straight
+// through. Control frames that other goroutines write meanwhile (a pong
+// from the reader) join the buffer in order.
+type batchConn struct {
+	net.Conn
+
+	// mu guards holding and buf, and is held across writes to Conn so
+	// that frames never interleave or overtake one another.
+	mu      sync.Mutex
+	holding bool
+	buf     *[]byte // from batchBuffers while holding, nil otherwise
+}
+
+// batchBuffers recycles batch buffers, so that an idle browser holds none.
+var batchBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return &b }}
+
+func (c *batchConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.holding {
+		return c.Conn.Write(p)
+	}
+	if c.buf == nil {
+		c.buf = batchBuffers.Get().(*[]byte)
+	}
+	*c.buf = append(*c.buf, p...)
+	return len(p), nil
+}
+
+// hold makes writes collect until flush.
+func (c *batchConn) hold() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.holding = true
+}
+
+// flush sends what collected since hold in one write, and lets writes go
+// straight through again.
+func (c *batchConn) flush() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.holding = false
+	if c.buf == nil {
+		return nil
+	}
+	_, err := c.Conn.Write(*c.buf)
+	*c.buf = (*c.buf)[:0]
+	batchBuffers.Put(c.buf)
+	c.buf = nil
+	return err
 }

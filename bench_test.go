@@ -1,0 +1,279 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// The fan-out benchmarks: one client publishes, every client (itself
+// included) receives. Each reports deliveries a second and the 99th
+// percentile of publish-to-deliver latency, for three servers in the same
+// run: wsamqp through the embedded broker, wsamqp through RabbitMQ (when
+// AMQP_URL is set), and a bare broadcast hub over the same WebSocket
+// library with no bus and no AMQP, the physical limit of this design.
+//
+//	go test -run '^$' -bench Fanout -benchtime 2000x
+
+// fanoutWindow bounds how many messages the publisher has in flight (sent
+// but not yet back), so that no server is asked to queue more than its
+// per-browser send queue.
+const fanoutWindow = 64
+
+func BenchmarkFanout(b *testing.B) {
+	for _, clients := range []int{10, 100, 1000} {
+		for _, target := range fanoutTargets(b) {
+			b.Run(fmt.Sprintf("clients=%d/%s", clients, target.name), func(b *testing.B) {
+				url, stop := target.start(b, clients)
+				defer stop()
+				benchmarkFanout(b, url, clients)
+			})
+		}
+	}
+}
+
+// fanoutTarget is a server the fan-out benchmark runs against.
+type fanoutTarget struct {
+	name  string
+	start func(b *testing.B, clients int) (url string, stop func())
+}
+
+// fanoutTargets returns the bare hub, wsamqp through the embedded broker,
+// and wsamqp through RabbitMQ when AMQP_URL is set.
+func fanoutTargets(b *testing.B) []fanoutTarget {
+	targets := []fanoutTarget{{"hub", startBareHub}}
+	for _, broker := range testBrokers(b) {
+		targets = append(targets, fanoutTarget{"wsamqp-" + broker.name, func(b *testing.B, clients int) (string, func()) {
+			return startBenchBridge(b, broker, clients)
+		}})
+	}
+	return targets
+}
+
+// startBenchBridge serves a bridge with the flags' defaults, no rate limit
+// and room for the clients.
+func startBenchBridge(b *testing.B, broker testBroker, clients int) (string, func()) {
+	bus := NewBus(slog.New(slog.NewTextHandler(b.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})))
+	wsCfg := testWSConfig()
+	wsCfg.MaxConns, wsCfg.Rate = clients, 0
+	amqpCfg := testAMQPConfig(broker.url, testExchange(b, broker))
+	if broker.name == "embedded" {
+		// A broker of its own, in-process, as go run . has it.
+		embedded := NewBroker(BrokerConfig{})
+		amqpCfg.URL, amqpCfg.Dial = "amqp://guest:guest@embedded/", embedded.Dial
+		b.Cleanup(func() { embedded.Close() })
+	}
+	br := newBridge(bus, amqpCfg, wsCfg)
+	server := httptest.NewServer(br.handler)
+	must(b, bus.Start())
+	return wsURL(server), func() { bus.Exit(); server.Close() }
+}
+
+// wsURL is the /ws URL of an httptest server.
+func wsURL(s *httptest.Server) string { return "ws" + strings.TrimPrefix(s.URL, "http") + "/ws" }
+
+// benchmarkFanout publishes b.N messages from the first of clients and
+// waits until every client has them all.
+func benchmarkFanout(b *testing.B, url string, clients int) {
+	conns := make([]*websocket.Conn, clients)
+	for i := range conns {
+		c, _, err := websocket.DefaultDialer.Dial(url, nil)
+		must(b, err)
+		defer c.Close()
+		conns[i] = c
+	}
+	// Give the server time to register the last client: it has answered
+	// the handshake, but may not have added it to its hub yet.
+	warm := fmt.Appendf(nil, "warm-up %d", time.Now().UnixNano())
+	must(b, conns[0].WriteMessage(websocket.TextMessage, warm))
+	for _, c := range conns {
+		for {
+			_, msg, err := c.ReadMessage()
+			must(b, err)
+			if string(msg) == string(warm) {
+				break
+			}
+		}
+	}
+
+	latencies := make([][]time.Duration, clients)
+	back := make(chan struct{}, fanoutWindow) // the publisher's own messages, as they return
+	var readers sync.WaitGroup
+	for i, c := range conns {
+		latencies[i] = make([]time.Duration, 0, b.N)
+		readers.Go(func() {
+			c.SetReadDeadline(time.Now().Add(time.Minute + time.Duration(b.N)*time.Millisecond))
+			for range b.N {
+				_, msg, err := c.ReadMessage()
+				if err != nil {
+					b.Errorf("client %d: %v", i, err)
+					return
+				}
+				sent, _ := strconv.ParseInt(string(msg[:19]), 10, 64)
+				latencies[i] = append(latencies[i], time.Since(time.Unix(0, sent)))
+				if i == 0 {
+					back <- struct{}{}
+				}
+			}
+		})
+	}
+
+	b.ResetTimer()
+	body := []byte(strings.Repeat(" ", 64)) // a 19-digit send time in nanoseconds, then padding
+	for n := range b.N {
+		if n >= fanoutWindow {
+			<-back
+		}
+		strconv.AppendInt(body[:0], time.Now().UnixNano(), 10)
+		if err := conns[0].WriteMessage(websocket.TextMessage, body); err != nil {
+			b.Fatal(err)
+		}
+	}
+	readers.Wait()
+	b.StopTimer()
+
+	all := slices.Concat(latencies...)
+	slices.Sort(all)
+	if len(all) == 0 {
+		return
+	}
+	b.ReportMetric(float64(len(all))/b.Elapsed().Seconds(), "deliveries/s")
+	b.ReportMetric(float64(all[len(all)*99/100])/float64(time.Millisecond), "p99-ms")
+	b.ReportMetric(0, "ns/op") // deliveries/s says it better
+}
+
+// bareHub is the baseline: the gorilla chat example's hub, with a
+// prepared message per broadcast and a bounded send queue per client,
+// and nothing else.
+type bareHub struct {
+	upgrader websocket.Upgrader
+
+	mu      sync.Mutex // guards clients
+	clients map[chan *websocket.PreparedMessage]struct{}
+}
+
+// startBareHub serves a bare hub.
+func startBareHub(b *testing.B, clients int) (string, func()) {
+	h := &bareHub{clients: map[chan *websocket.PreparedMessage]struct{}{}}
+	server := httptest.NewServer(h)
+	return wsURL(server), server.Close
+}
+
+// ServeHTTP runs one client: a writer goroutine, and the reader here.
+func (h *bareHub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	conn, err := h.upgrader.Upgrade(w, r, nil)
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	send := make(chan *websocket.PreparedMessage, 256)
+	h.mu.Lock()
+	h.clients[send] = struct{}{}
+	h.mu.Unlock()
+	defer func() {
+		h.mu.Lock()
+		delete(h.clients, send)
+		h.mu.Unlock()
+	}()
+	go func() {
+		for pm := range send {
+			if conn.WritePreparedMessage(pm) != nil {
+				return
+			}
+		}
+	}()
+	defer close(send)
+	for {
+		_, msg, err := conn.ReadMessage()
+		if err != nil {
+			return
+		}
+		pm, _ := websocket.NewPreparedMessage(websocket.TextMessage, msg)
+		h.mu.Lock()
+		for c := range h.clients {
+			select {
+			case c <- pm:
+			default: // a slow client loses the message; the baseline does not wait
+			}
+		}
+		h.mu.Unlock()
+	}
+}
+
+// BenchmarkIdleConnMemory reports the heap that one idle browser costs
+// the bridge, over a thousand idle connections. The clients are bare TCP
+// connections that did the WebSocket handshake by hand, so that they cost
+// the shared heap next to nothing; what they do cost is counted against
+// the bridge, which makes the figure an upper bound.
+func BenchmarkIdleConnMemory(b *testing.B) {
+	const idle = 1000
+	broker := NewBroker(BrokerConfig{})
+	defer broker.Close()
+	amqpCfg := testAMQPConfig("amqp://guest:guest@embedded/", "idle")
+	amqpCfg.Dial = broker.Dial
+	wsCfg := testWSConfig()
+	wsCfg.MaxConns = idle
+	bus := NewBus(nil)
+	br := newBridge(bus, amqpCfg, wsCfg)
+	server := httptest.NewServer(br.handler)
+	defer server.Close()
+	must(b, bus.Start())
+	defer bus.Exit()
+
+	for range b.N {
+		before := heapInUse()
+		conns := make([]net.Conn, idle)
+		for i := range conns {
+			conns[i] = rawWebSocket(b, server.Listener.Addr().String())
+		}
+		poll(b, "the hub has every client", func() bool { return br.hub.Clients() == idle })
+		perConn := (float64(heapInUse()) - float64(before)) / idle
+		b.ReportMetric(perConn/1024, "KiB/conn")
+		for _, c := range conns {
+			c.Close()
+		}
+		poll(b, "the hub is empty", func() bool { return br.hub.Clients() == 0 })
+	}
+}
+
+// heapInUse returns the live heap after a collection.
+func heapInUse() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
+}
+
+// rawWebSocket opens a WebSocket to /ws at addr with nothing but a TCP
+// connection: it writes the handshake and reads the answer byte by byte.
+func rawWebSocket(b *testing.B, addr string) net.Conn {
+	c, err := net.Dial("tcp", addr)
+	must(b, err)
+	_, err = io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: "+addr+"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	must(b, err)
+	var head []byte
+	one := make([]byte, 1)
+	for !strings.HasSuffix(string(head), "\r\n\r\n") {
+		if _, err := c.Read(one); err != nil {
+			b.Fatalf("handshake: %v after %q", err, head)
+		}
+		head = append(head, one[0])
+	}
+	if !strings.HasPrefix(string(head), "HTTP/1.1 101") {
+		b.Fatalf("handshake refused: %q", head)
+	}
+	return c
+}
