@@ -28,9 +28,14 @@ import (
 //	go test -run '^$' -bench Fanout -benchtime 2000x
 
 // fanoutWindow bounds how many messages the publisher has in flight (sent
-// but not yet back), so that no server is asked to queue more than its
-// per-browser send queue.
-const fanoutWindow = 64
+// but not yet back), and fanoutQueue is the per-client send queue of both
+// servers: long enough that no client falls that far behind the
+// publisher's window, so that the benchmark measures throughput, not
+// the cutting off of slow clients.
+const (
+	fanoutWindow = 64
+	fanoutQueue  = 1024
+)
 
 func BenchmarkFanout(b *testing.B) {
 	for _, clients := range []int{10, 100, 1000} {
@@ -67,7 +72,7 @@ func fanoutTargets(b *testing.B) []fanoutTarget {
 func startBenchBridge(b *testing.B, broker testBroker, clients int) (string, func()) {
 	bus := NewBus(slog.New(slog.NewTextHandler(b.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})))
 	wsCfg := testWSConfig()
-	wsCfg.MaxConns, wsCfg.Rate = clients, 0
+	wsCfg.MaxConns, wsCfg.Rate, wsCfg.SendQueue = clients, 0, fanoutQueue
 	amqpCfg := testAMQPConfig(broker.url, testExchange(b, broker))
 	if broker.name == "embedded" {
 		// A broker of its own, in-process, as go run . has it.
@@ -98,10 +103,13 @@ func benchmarkFanout(b *testing.B, url string, clients int) {
 	// the handshake, but may not have added it to its hub yet.
 	warm := fmt.Appendf(nil, "warm-up %d", time.Now().UnixNano())
 	must(b, conns[0].WriteMessage(websocket.TextMessage, warm))
-	for _, c := range conns {
+	for i, c := range conns {
+		c.SetReadDeadline(time.Now().Add(waitFor))
 		for {
 			_, msg, err := c.ReadMessage()
-			must(b, err)
+			if err != nil {
+				b.Fatalf("client %d waiting for the warm-up: %v", i, err)
+			}
 			if string(msg) == string(warm) {
 				break
 			}
@@ -114,7 +122,7 @@ func benchmarkFanout(b *testing.B, url string, clients int) {
 	for i, c := range conns {
 		latencies[i] = make([]time.Duration, 0, b.N)
 		readers.Go(func() {
-			c.SetReadDeadline(time.Now().Add(time.Minute + time.Duration(b.N)*time.Millisecond))
+			c.SetReadDeadline(time.Now().Add(waitFor + time.Duration(b.N)*time.Millisecond))
 			for range b.N {
 				_, msg, err := c.ReadMessage()
 				if err != nil {
@@ -155,18 +163,19 @@ func benchmarkFanout(b *testing.B, url string, clients int) {
 }
 
 // bareHub is the baseline: the gorilla chat example's hub, with a
-// prepared message per broadcast and a bounded send queue per client,
-// and nothing else.
+// prepared message per broadcast and a bounded send queue per client
+// (a client that lets it fill is disconnected, as in the example), and
+// nothing else.
 type bareHub struct {
 	upgrader websocket.Upgrader
 
 	mu      sync.Mutex // guards clients
-	clients map[chan *websocket.PreparedMessage]struct{}
+	clients map[chan *websocket.PreparedMessage]*websocket.Conn
 }
 
 // startBareHub serves a bare hub.
 func startBareHub(b *testing.B, clients int) (string, func()) {
-	h := &bareHub{clients: map[chan *websocket.PreparedMessage]struct{}{}}
+	h := &bareHub{clients: map[chan *websocket.PreparedMessage]*websocket.Conn{}}
 	server := httptest.NewServer(h)
 	return wsURL(server), server.Close
 }
@@ -178,9 +187,9 @@ func (h *bareHub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer conn.Close()
-	send := make(chan *websocket.PreparedMessage, 256)
+	send := make(chan *websocket.PreparedMessage, fanoutQueue)
 	h.mu.Lock()
-	h.clients[send] = struct{}{}
+	h.clients[send] = conn
 	h.mu.Unlock()
 	defer func() {
 		h.mu.Lock()
@@ -202,10 +211,11 @@ func (h *bareHub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		pm, _ := websocket.NewPreparedMessage(websocket.TextMessage, msg)
 		h.mu.Lock()
-		for c := range h.clients {
+		for c, conn := range h.clients {
 			select {
 			case c <- pm:
-			default: // a slow client loses the message; the baseline does not wait
+			default:
+				conn.Close() // too slow
 			}
 		}
 		h.mu.Unlock()

@@ -317,3 +317,23 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 		t.Logf("%d browsers sent %d messages; all reached the broker; exit status 0", browsers, total)
 	})
 }
+
+func TestOutboxFullAnswers1013(t *testing.T) {
+	broker := testBrokers(t)[0]
+	p, url := viaProxy(t, broker.url)
+	amqpCfg := testAMQPConfig(url, testExchange(t, broker))
+	amqpCfg.Outbox = 4
+	tb := startBridge(t, amqpCfg, testWSConfig())
+	sender, receiver := tb.dial(t), tb.dial(t)
+
+	p.cut()
+	poll(t, "healthz reports the broker link down", func() bool { return healthStatus(t, tb) == http.StatusServiceUnavailable })
+	for i := range 5 {
+		send(t, sender, fmt.Sprintf("s:%d", i))
+	}
+	// Four wait in the outbox; the fifth is refused, with a reason.
+	expectClose(t, sender, websocket.CloseTryAgainLater, "broker unavailable: try again later")
+
+	p.restore()
+	checkStreams(t, "receiver", receive(t, receiver, 4), map[string]int{"s": 4})
+}

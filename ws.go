@@ -124,6 +124,16 @@ func (h *Hub) Clients() int {
 // ServeHTTP upgrades a browser to a WebSocket and starts its reader and
 // writer goroutines.
 func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// The browser joins the hub before the handshake answer goes out, so
+	// that every message broadcast after its "open" event reaches it; what
+	// arrives meanwhile waits in its queue for the writer.
+	c := &client{
+		hub:      h,
+		remote:   r.RemoteAddr,
+		send:     make(chan *websocket.PreparedMessage, h.cfg.SendQueue),
+		quit:     make(chan struct{}),
+		readDone: make(chan struct{}),
+	}
 	h.mu.Lock()
 	refuse := ""
 	switch {
@@ -131,33 +141,29 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		refuse = "server shutting down"
 	case len(h.clients) >= h.cfg.MaxConns:
 		refuse = fmt.Sprintf("too many connections (limit %d)", h.cfg.MaxConns)
+	default:
+		h.clients[c] = struct{}{}
 	}
 	h.mu.Unlock()
 	if refuse != "" {
 		http.Error(w, refuse, http.StatusServiceUnavailable)
 		return
 	}
+
 	hj := &hijacker{ResponseWriter: w}
 	conn, err := h.upgrader.Upgrade(hj, r, nil) // on failure it has answered 400 or 403
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	if err != nil {
-		h.bus.Log("websocket handshake refused", slog.LevelInfo, "remote", r.RemoteAddr, "err", err)
+		delete(h.clients, c)
+		h.bus.Log("websocket handshake refused", slog.LevelInfo, "remote", c.remote, "err", err)
 		return
 	}
-	c := &client{
-		hub:      h,
-		conn:     conn,
-		batch:    hj.conn,
-		send:     make(chan *websocket.PreparedMessage, h.cfg.SendQueue),
-		quit:     make(chan struct{}),
-		readDone: make(chan struct{}),
-	}
-	h.mu.Lock()
+	c.conn, c.batch = conn, hj.conn
 	if h.closing {
 		c.close(websocket.CloseGoingAway, "server shutting down")
 	}
-	h.clients[c] = struct{}{}
 	h.wg.Add(2)
-	h.mu.Unlock()
 	go c.writeLoop()
 	go c.readLoop()
 }
@@ -186,7 +192,7 @@ func (h *Hub) broadcast(body []byte) error {
 	}
 	h.mu.Unlock()
 	for _, c := range slow {
-		h.bus.Log("browser cut off as too slow", slog.LevelWarn, "remote", c.conn.RemoteAddr().String(), "queue", h.cfg.SendQueue)
+		h.bus.Log("browser cut off as too slow", slog.LevelWarn, "remote", c.remote, "queue", h.cfg.SendQueue)
 	}
 	return nil
 }
@@ -214,7 +220,9 @@ func (h *Hub) Close(deadline time.Time) {
 	case <-t.C:
 		h.mu.Lock()
 		for c := range h.clients {
-			c.conn.Close()
+			if c.conn != nil {
+				c.conn.Close()
+			}
 		}
 		h.mu.Unlock()
 		<-left
@@ -223,9 +231,10 @@ func (h *Hub) Close(deadline time.Time) {
 
 // client is a middleman between one browser's WebSocket and the hub.
 type client struct {
-	hub   *Hub
-	conn  *websocket.Conn
-	batch *batchConn // conn's TCP connection, which the writer batches frames on
+	hub    *Hub
+	remote string          // the browser's address, for the log
+	conn   *websocket.Conn // nil until the handshake is done; set under hub.mu
+	batch  *batchConn      // conn's TCP connection, which the writer batches frames on
 
 	// send is buffered to cfg.SendQueue messages; when it is full the
 	// browser is not keeping up and is disconnected.
@@ -287,7 +296,7 @@ func (c *client) readLoop() {
 			code, reason = c.publish(msg)
 		}
 		if code != 0 {
-			h.bus.Log("browser message refused", slog.LevelInfo, "remote", c.conn.RemoteAddr().String(), "code", code, "reason", reason)
+			h.bus.Log("browser message refused", slog.LevelInfo, "remote", c.remote, "code", code, "reason", reason)
 			c.close(code, reason)
 			refused = true
 		}
