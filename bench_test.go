@@ -180,30 +180,41 @@ func startBareHub(b *testing.B, clients int) (string, func()) {
 	return wsURL(server), server.Close
 }
 
-// ServeHTTP runs one client: a writer goroutine, and the reader here.
+// ServeHTTP runs one client: a writer goroutine, and the reader here. The
+// client joins the hub before the handshake is answered, as in wsamqp, so
+// that it misses nothing broadcast after its Dial returns.
 func (h *bareHub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	conn, err := h.upgrader.Upgrade(w, r, nil)
-	if err != nil {
-		return
-	}
-	defer conn.Close()
 	send := make(chan *websocket.PreparedMessage, fanoutQueue)
 	h.mu.Lock()
-	h.clients[send] = conn
+	h.clients[send] = nil
 	h.mu.Unlock()
 	defer func() {
 		h.mu.Lock()
 		delete(h.clients, send)
 		h.mu.Unlock()
 	}()
+	conn, err := h.upgrader.Upgrade(w, r, nil)
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	h.mu.Lock()
+	h.clients[send] = conn
+	h.mu.Unlock()
+	done := make(chan struct{})
+	defer close(done)
 	go func() {
-		for pm := range send {
-			if conn.WritePreparedMessage(pm) != nil {
+		for {
+			select {
+			case pm := <-send:
+				if conn.WritePreparedMessage(pm) != nil {
+					return
+				}
+			case <-done:
 				return
 			}
 		}
 	}()
-	defer close(send)
 	for {
 		_, msg, err := conn.ReadMessage()
 		if err != nil {
@@ -215,7 +226,9 @@ func (h *bareHub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			select {
 			case c <- pm:
 			default:
-				conn.Close() // too slow
+				if conn != nil {
+					conn.Close() // too slow
+				}
 			}
 		}
 		h.mu.Unlock()

@@ -139,9 +139,9 @@ func load(ctx context.Context, cfg loadConfig) (loadResult, error) {
 		readers.Go(c.read)
 	}
 
-	// Senders pace themselves by the wall clock: message k of a sender is
-	// due at start + k/rate, however late the one before it went out.
-	perSender := cfg.rate / float64(cfg.senders)
+	// Senders pace themselves by the wall clock, taking turns: message j
+	// of the run is due at start + j/rate, however late the one before it
+	// went out, and sender s sends messages s, s+senders, s+2*senders...
 	start := time.Now()
 	stop := start.Add(cfg.duration)
 	sent := make([]int, cfg.senders)
@@ -152,7 +152,8 @@ func load(ctx context.Context, cfg loadConfig) (loadResult, error) {
 			defer timer.Stop()
 			pad := strings.Repeat("x", cfg.size)
 			for k := 0; ; k++ {
-				due := start.Add(time.Duration(float64(k) / perSender * float64(time.Second)))
+				j := k*cfg.senders + s
+				due := start.Add(time.Duration(float64(j) / cfg.rate * float64(time.Second)))
 				if due.After(stop) || ctx.Err() != nil {
 					return
 				}
