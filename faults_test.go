@@ -123,7 +123,7 @@ func TestCutMidStreamLosesNothing(t *testing.T) {
 		}()
 		got := receive(t, receiver, n/3)
 		p.cut()
-		poll(t, "healthz reports the broker link down", func() bool { return healthStatus(t, tb) == http.StatusServiceUnavailable })
+		waitHealth(t, tb, http.StatusServiceUnavailable)
 		p.restore()
 		got = append(got, receive(t, receiver, n-len(got))...)
 		checkStreams(t, "receiver", got, map[string]int{"s": n})
@@ -166,7 +166,7 @@ func TestEmbeddedBrokerRestart(t *testing.T) {
 	receive(t, b, 1)
 
 	first.Close()
-	poll(t, "healthz reports the broker link down", func() bool { return healthStatus(t, tb) == http.StatusServiceUnavailable })
+	waitHealth(t, tb, http.StatusServiceUnavailable)
 	const n = 30
 	for i := 1; i <= n; i++ {
 		send(t, a, fmt.Sprintf("a:%d", i))
@@ -327,7 +327,7 @@ func TestOutboxFullAnswers1013(t *testing.T) {
 	sender, receiver := tb.dial(t), tb.dial(t)
 
 	p.cut()
-	poll(t, "healthz reports the broker link down", func() bool { return healthStatus(t, tb) == http.StatusServiceUnavailable })
+	waitHealth(t, tb, http.StatusServiceUnavailable)
 	for i := range 5 {
 		send(t, sender, fmt.Sprintf("s:%d", i))
 	}

@@ -625,6 +625,12 @@ func healthStatus(t *testing.T, tb *testBridge) int {
 	return resp.StatusCode
 }
 
+// waitHealth polls /healthz until it answers status.
+func waitHealth(t *testing.T, tb *testBridge, status int) {
+	t.Helper()
+	poll(t, fmt.Sprintf("healthz answers %d", status), func() bool { return healthStatus(t, tb) == status })
+}
+
 func TestReconnectLosesNothing(t *testing.T) {
 	forEachBroker(t, func(t *testing.T, broker testBroker) {
 		p, url := viaProxy(t, broker.url)
@@ -638,7 +644,7 @@ func TestReconnectLosesNothing(t *testing.T) {
 		receive(t, b, 1)
 
 		p.cut()
-		poll(t, "healthz reports the broker link down", func() bool { return healthStatus(t, tb) == http.StatusServiceUnavailable })
+		waitHealth(t, tb, http.StatusServiceUnavailable)
 		// Browsers stay connected, and what they send waits in the outbox.
 		const n = 50
 		for i := 1; i <= n; i++ {
@@ -647,7 +653,7 @@ func TestReconnectLosesNothing(t *testing.T) {
 		poll(t, "the hub has queued a's messages", func() bool { return len(tb.amqp.outbox) == n })
 
 		p.restore()
-		poll(t, "healthz reports the broker link up", func() bool { return healthStatus(t, tb) == http.StatusOK })
+		waitHealth(t, tb, http.StatusOK)
 		got := append([]string{"a:0"}, receive(t, b, n)...)
 		checkStreams(t, "b", got, map[string]int{"a": n + 1})
 	})
