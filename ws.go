@@ -64,7 +64,7 @@ type Hub struct {
 	clients map[*client]struct{}
 	closing bool // Close has begun; new browsers are turned away
 
-	wg sync.WaitGroup // one count per reader and per writer goroutine
+	wg sync.WaitGroup // one count per reader and per writer goroutine; added to under mu while !closing
 }
 
 // NewHub returns the WebSocket handler for b. Call Subscribe to plug it in.
@@ -159,11 +159,16 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.bus.Log("websocket handshake refused", slog.LevelInfo, "remote", c.remote, "err", err)
 		return
 	}
-	c.conn, c.batch = conn, hj.conn
 	if h.closing {
-		c.close(websocket.CloseGoingAway, "server shutting down")
+		// Close began while the handshake was under way, and may already be
+		// waiting on h.wg: say goodbye here rather than start goroutines.
+		delete(h.clients, c)
+		conn.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseGoingAway, "server shutting down"), time.Now().Add(h.cfg.WriteWait))
+		conn.Close()
+		return
 	}
-	h.wg.Add(2)
+	c.conn, c.batch = conn, hj.conn
+	h.wg.Add(2) // never after Close has set closing, so never during its Wait
 	go c.writeLoop()
 	go c.readLoop()
 }
