@@ -99,8 +99,8 @@ func benchmarkFanout(b *testing.B, url string, clients int) {
 		defer c.Close()
 		conns[i] = c
 	}
-	// Give the server time to register the last client: it has answered
-	// the handshake, but may not have added it to its hub yet.
+	// A warm-up message goes all the way round before the clock starts,
+	// so that every link on the path is up.
 	warm := fmt.Appendf(nil, "warm-up %d", time.Now().UnixNano())
 	must(b, conns[0].WriteMessage(websocket.TextMessage, warm))
 	for i, c := range conns {
