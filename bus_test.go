@@ -368,7 +368,13 @@ func TestSignalHelper(t *testing.T) {
 		fmt.Println("plugin saw SIGUSR1")
 		return nil, nil
 	})
-	NewSignalHandler(b).Subscribe()
+	h := NewSignalHandler(b)
+	h.Subscribe()
+	if os.Getenv("WSAMQP_SIGNAL_HELPER") == "unsubscribe" {
+		h.Unsubscribe()
+		fmt.Println("unsubscribed")
+		select {} // SIGTERM's default action ends the process
+	}
 	b.Start()
 	fmt.Println("ready in generation", generation)
 	err := b.Block(10 * time.Millisecond)
@@ -430,5 +436,38 @@ func TestSignals(t *testing.T) {
 	io.Copy(io.Discard, stdout)
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("helper exited with %v, want success", err)
+	}
+}
+
+func TestSignalHandlerUnsubscribeRestoresDefault(t *testing.T) {
+	cmd := exec.Command(os.Args[0], "-test.run=^TestSignalHelper$")
+	cmd.Env = append(os.Environ(), "WSAMQP_SIGNAL_HELPER=unsubscribe")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := bufio.NewScanner(stdout)
+	for lines.Scan() && lines.Text() != "unsubscribed" {
+	}
+	// With the plugin gone, SIGTERM does what Go does by default: it
+	// kills the process, instead of an exit on the bus.
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	go io.Copy(io.Discard, stdout)
+	ended := make(chan error, 1)
+	go func() { ended <- cmd.Wait() }()
+	select {
+	case err = <-ended:
+	case <-time.After(waitFor):
+		cmd.Process.Kill()
+		t.Fatal("helper still running after SIGTERM: the plugin still handles it")
+	}
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.Sys().(syscall.WaitStatus).Signal() != syscall.SIGTERM {
+		t.Fatalf("helper ended with %v, want death by SIGTERM", err)
 	}
 }
