@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -385,14 +384,19 @@ func TestSignalHelper(t *testing.T) {
 	os.Exit(0)
 }
 
-func TestSignals(t *testing.T) {
-	cmd := exec.Command(os.Args[0], "-test.run=^TestSignalHelper$")
-	cmd.Env = append(os.Environ(), "WSAMQP_SIGNAL_HELPER=1", "WSAMQP_GENERATION=I")
-	stdin, err := cmd.StdinPipe() // not a terminal, so SIGHUP restarts
+// startSignalHelper runs TestSignalHelper in a child process with env
+// added, and returns it with an expect func that reads the child's output
+// until a line equals want, failing the test if the output ends first.
+// The child's stdin is a pipe, not a terminal, so SIGHUP restarts it.
+func startSignalHelper(t *testing.T, env ...string) (cmd *exec.Cmd, expect func(want string)) {
+	t.Helper()
+	cmd = exec.Command(os.Args[0], "-test.run=^TestSignalHelper$")
+	cmd.Env = append(os.Environ(), env...)
+	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer stdin.Close()
+	t.Cleanup(func() { stdin.Close() })
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -400,9 +404,9 @@ func TestSignals(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { cmd.Process.Kill() })
 	lines := bufio.NewScanner(stdout)
-	// expect reads the helper's output until want, failing if it ends first.
-	expect := func(want string) {
+	return cmd, func(want string) {
 		t.Helper()
 		for lines.Scan() {
 			if lines.Text() == want {
@@ -411,6 +415,10 @@ func TestSignals(t *testing.T) {
 		}
 		t.Fatalf("helper ended before printing %q", want)
 	}
+}
+
+func TestSignals(t *testing.T) {
+	cmd, expect := startSignalHelper(t, "WSAMQP_SIGNAL_HELPER=1", "WSAMQP_GENERATION=I")
 	signal := func(s syscall.Signal) {
 		t.Helper()
 		if err := cmd.Process.Signal(s); err != nil {
@@ -433,33 +441,22 @@ func TestSignals(t *testing.T) {
 	expect("caught signal SIGTERM")
 	expect("bus STOPPED")
 	expect("bus EXITED")
-	io.Copy(io.Discard, stdout)
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("helper exited with %v, want success", err)
 	}
 }
 
 func TestSignalHandlerUnsubscribeRestoresDefault(t *testing.T) {
-	cmd := exec.Command(os.Args[0], "-test.run=^TestSignalHelper$")
-	cmd.Env = append(os.Environ(), "WSAMQP_SIGNAL_HELPER=unsubscribe")
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	lines := bufio.NewScanner(stdout)
-	for lines.Scan() && lines.Text() != "unsubscribed" {
-	}
+	cmd, expect := startSignalHelper(t, "WSAMQP_SIGNAL_HELPER=unsubscribe")
+	expect("unsubscribed")
 	// With the plugin gone, SIGTERM does what Go does by default: it
 	// kills the process, instead of an exit on the bus.
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	go io.Copy(io.Discard, stdout)
 	ended := make(chan error, 1)
 	go func() { ended <- cmd.Wait() }()
+	var err error
 	select {
 	case err = <-ended:
 	case <-time.After(waitFor):
