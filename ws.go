@@ -153,24 +153,26 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	hj := &hijacker{ResponseWriter: w}
 	conn, err := h.upgrader.Upgrade(hj, r, nil) // on failure it has answered 400 or 403
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if err != nil {
+	closing := h.closing
+	if err != nil || closing {
 		delete(h.clients, c)
-		h.bus.Log("websocket handshake refused", slog.LevelInfo, "remote", c.remote, "err", err)
-		return
+	} else {
+		c.conn, c.batch = conn, hj.conn
+		h.wg.Add(2) // never once Close has set closing, so never during its Wait
 	}
-	if h.closing {
-		// Close began while the handshake was under way, and may already be
-		// waiting on h.wg: say goodbye here rather than start goroutines.
-		delete(h.clients, c)
+	h.mu.Unlock()
+	switch {
+	case err != nil:
+		h.bus.Log("websocket handshake refused", slog.LevelInfo, "remote", c.remote, "err", err)
+	case closing:
+		// Close began while the handshake was under way, and may already
+		// be waiting on h.wg: say goodbye here rather than start goroutines.
 		conn.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseGoingAway, "server shutting down"), time.Now().Add(h.cfg.WriteWait))
 		conn.Close()
-		return
+	default:
+		go c.writeLoop()
+		go c.readLoop()
 	}
-	c.conn, c.batch = conn, hj.conn
-	h.wg.Add(2) // never after Close has set closing, so never during its Wait
-	go c.writeLoop()
-	go c.readLoop()
 }
 
 // broadcast frames body once and queues it for every browser. A browser
