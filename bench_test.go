@@ -61,6 +61,9 @@ func fanoutTargets(b *testing.B) []fanoutTarget {
 	targets := []fanoutTarget{{"hub", startBareHub}}
 	for _, broker := range testBrokers(b) {
 		targets = append(targets, fanoutTarget{"wsamqp-" + broker.name, func(b *testing.B, clients int) (string, func()) {
+			if broker.why != "" {
+				b.Fatal(broker.why)
+			}
 			return startBenchBridge(b, broker, clients)
 		}})
 	}

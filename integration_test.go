@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -32,6 +33,7 @@ const waitFor = 20 * time.Second
 type testBroker struct {
 	name string
 	url  string
+	why  string // when set, the broker was expected but cannot be used: the subtest fails with this
 }
 
 var (
@@ -39,14 +41,24 @@ var (
 	embeddedURL  string // the embedded broker shared by the tests, over TCP
 
 	rabbitOnce sync.Once
-	rabbitURL  string // RabbitMQ from AMQP_URL or a container; empty if neither
-	rabbitWhy  string // why there is no RabbitMQ
+	rabbits    []testBroker // RabbitMQ at AMQP_URL and in a container, as far as each can be had
+
+	containerMu sync.Mutex               // guards container
+	container   testcontainers.Container // the RabbitMQ container, if one was started
+)
+
+// rabbitImageEnv names the image the container path runs; CI points it at
+// one built from Debian's packages (scripts/rabbitmq-image.sh).
+const (
+	rabbitImageEnv     = "WSAMQP_RABBITMQ_IMAGE"
+	defaultRabbitImage = "rabbitmq:4-alpine"
 )
 
 // testBrokers returns every broker the tests run against: the embedded
-// broker always, and RabbitMQ too, from AMQP_URL or else from
-// testcontainers when a Docker engine answers. The same test bodies run
-// against both, so the embedded broker is held to RabbitMQ's behaviour.
+// broker always; RabbitMQ at AMQP_URL when it is set; and RabbitMQ in a
+// container through testcontainers when a Docker engine answers. The same
+// test bodies run against each, so the embedded broker is held to
+// RabbitMQ's behaviour, and each path a user may take is exercised.
 func testBrokers(t testing.TB) []testBroker {
 	t.Helper()
 	embeddedOnce.Do(func() {
@@ -56,24 +68,39 @@ func testBrokers(t testing.TB) []testBroker {
 		}
 		embeddedURL = "amqp://guest:guest@" + addr.String() + "/"
 	})
-	rabbitOnce.Do(func() { rabbitURL, rabbitWhy = findRabbitMQ() })
+	rabbitOnce.Do(func() { rabbits = findRabbitMQ() })
 	brokers := []testBroker{{name: "embedded", url: embeddedURL}}
-	if rabbitURL != "" {
-		brokers = append(brokers, testBroker{name: "rabbitmq", url: rabbitURL})
-	} else {
-		t.Logf("RabbitMQ subtests not run: %s", rabbitWhy)
+	for _, r := range rabbits {
+		if r.name == "" {
+			t.Logf("RabbitMQ subtests not run: %s", r.why)
+			continue
+		}
+		brokers = append(brokers, r)
 	}
 	return brokers
 }
 
-// findRabbitMQ returns AMQP_URL, or starts RabbitMQ in a container when a
-// Docker engine answers, or says why it could do neither.
-func findRabbitMQ() (url, why string) {
+// findRabbitMQ returns RabbitMQ at AMQP_URL (subtest "rabbitmq") and in a
+// container (subtest "container") when a Docker engine answers. An entry
+// with no name says why a broker was not looked for; one with a name and a
+// why was expected and cannot be used.
+func findRabbitMQ() []testBroker {
+	var found []testBroker
 	if u := os.Getenv("AMQP_URL"); u != "" {
-		return u, ""
+		found = append(found, testBroker{name: "rabbitmq", url: u})
 	}
-	// A Docker socket that accepts but never answers would hang the
-	// provider check, so it gets a time bound of its own.
+	if os.Getenv("WSAMQP_NO_CONTAINER") != "" {
+		return append(found, testBroker{why: "WSAMQP_NO_CONTAINER is set"})
+	}
+	if err := dockerAnswers(); err != nil {
+		return append(found, testBroker{why: fmt.Sprintf("no Docker engine answers (%v)", err)})
+	}
+	return append(found, startRabbitContainer())
+}
+
+// dockerAnswers checks, within a time bound, that a Docker engine answers:
+// a socket that accepts but never answers would hang the provider check.
+func dockerAnswers() error {
 	healthy := make(chan error, 1)
 	go func() {
 		defer func() {
@@ -92,29 +119,85 @@ func findRabbitMQ() (url, why string) {
 	}()
 	select {
 	case err := <-healthy:
-		if err != nil {
-			return "", fmt.Sprintf("AMQP_URL is not set and no Docker engine answers (%v)", err)
-		}
+		return err
 	case <-time.After(10 * time.Second):
-		return "", "AMQP_URL is not set and the Docker engine did not answer within 10s"
+		return errors.New("the engine did not answer within 10s")
 	}
+}
+
+// startRabbitContainer runs RabbitMQ in a container and checks that it
+// can be reached. Whatever goes wrong is said in one line naming what to
+// change, rather than as a dial error deep in every subtest.
+func startRabbitContainer() testBroker {
+	image := cmp.Or(os.Getenv(rabbitImageEnv), defaultRabbitImage)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	c, err := tcrabbitmq.Run(ctx, "rabbitmq:4-alpine")
+	c, err := tcrabbitmq.Run(ctx, image, testcontainers.WithLabels(map[string]string{"wsamqp.test": "1"}))
+	if c != nil {
+		containerMu.Lock()
+		container = c
+		containerMu.Unlock()
+	}
 	if err != nil {
-		return "", fmt.Sprintf("RabbitMQ container did not start: %v", err)
+		return testBroker{name: "container", why: fmt.Sprintf("RabbitMQ container (image %s, set by %s) did not start: %v", image, rabbitImageEnv, err)}
 	}
 	u, err := c.AmqpURL(ctx)
 	if err != nil {
-		return "", fmt.Sprintf("RabbitMQ container has no AMQP URL: %v", err)
+		return testBroker{name: "container", why: fmt.Sprintf("RabbitMQ container has no AMQP URL: %v", err)}
 	}
-	return u, "" // testcontainers' reaper removes the container when the tests end
+	// The container may be up while the address testcontainers chose is
+	// not reachable from here: inside a container of its own (/.dockerenv),
+	// testcontainers dials the default gateway. That case is said without
+	// dialing; any other is dialed once (the container logged that it is
+	// ready, so there is nothing to wait for).
+	unreachable := func(err error) testBroker {
+		return testBroker{name: "container", why: fmt.Sprintf("RabbitMQ container started, but %s is not reachable from here (%v); set TESTCONTAINERS_HOST_OVERRIDE=127.0.0.1 (or another address of this machine that reaches the container's published ports)", RedactURL(u), err)}
+	}
+	host, _ := c.Host(ctx)
+	if ip := net.ParseIP(host); ip != nil && !ip.IsLoopback() && os.Getenv("TESTCONTAINERS_HOST_OVERRIDE") == "" {
+		if _, err := os.Stat("/.dockerenv"); err == nil {
+			return unreachable(fmt.Errorf("this machine has /.dockerenv, so testcontainers took the default gateway %s for the Docker host", host))
+		}
+	}
+	conn, err := amqp.DialConfig(u, amqp.Config{Dial: amqp.DefaultDial(5 * time.Second)})
+	if err != nil {
+		return unreachable(err)
+	}
+	conn.Close()
+	return testBroker{name: "container", url: u}
+}
+
+// stopRabbitContainer removes the container, if one was started: the
+// reaper (Ryuk) does this when it runs, but it may be disabled
+// (TESTCONTAINERS_RYUK_DISABLED=true) where its image cannot be had.
+func stopRabbitContainer() {
+	containerMu.Lock()
+	defer containerMu.Unlock()
+	if container != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		testcontainers.TerminateContainer(container, testcontainers.StopContext(ctx))
+		container = nil
+	}
+}
+
+// TestMain removes the RabbitMQ container, if the tests started one, once
+// they have all run.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	stopRabbitContainer()
+	os.Exit(code)
 }
 
 // forEachBroker runs test once per broker, as a subtest named after it.
 func forEachBroker(t *testing.T, test func(t *testing.T, broker testBroker)) {
 	for _, broker := range testBrokers(t) {
-		t.Run(broker.name, func(t *testing.T) { test(t, broker) })
+		t.Run(broker.name, func(t *testing.T) {
+			if broker.why != "" {
+				t.Fatal(broker.why)
+			}
+			test(t, broker)
+		})
 	}
 }
 

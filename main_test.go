@@ -62,36 +62,34 @@ func startRun(t *testing.T, args ...string) (string, *syncBuffer, func() error) 
 }
 
 func TestRunServesAndExitsCleanly(t *testing.T) {
-	for _, broker := range testBrokers(t) {
-		t.Run(broker.name, func(t *testing.T) {
-			base, out, stop := startRun(t, "-amqp", broker.url, "-exchange", testExchange(t, broker))
-			for path, want := range map[string]int{"/": 200, "/chat.js": 200, "/healthz": 200, "/ws": 400, "/nope": 404} {
-				resp, err := http.Get(base + path)
-				if err != nil {
-					t.Fatal(err)
-				}
-				resp.Body.Close()
-				if resp.StatusCode != want {
-					t.Errorf("GET %s: %d, want %d", path, resp.StatusCode, want)
-				}
-				if path == "/" && !strings.Contains(resp.Header.Get("Content-Security-Policy"), "default-src 'self'") {
-					t.Errorf("GET /: Content-Security-Policy = %q", resp.Header.Get("Content-Security-Policy"))
-				}
+	forEachBroker(t, func(t *testing.T, broker testBroker) {
+		base, out, stop := startRun(t, "-amqp", broker.url, "-exchange", testExchange(t, broker))
+		for path, want := range map[string]int{"/": 200, "/chat.js": 200, "/healthz": 200, "/ws": 400, "/nope": 404} {
+			resp, err := http.Get(base + path)
+			if err != nil {
+				t.Fatal(err)
 			}
-			if err := stop(); err != nil {
-				t.Errorf("run = %v, want nil", err)
+			resp.Body.Close()
+			if resp.StatusCode != want {
+				t.Errorf("GET %s: %d, want %d", path, resp.StatusCode, want)
 			}
-			log := out.String()
-			for _, want := range []string{"amqp connected", "bus STOPPING", "bus EXITED"} {
-				if !strings.Contains(log, want) {
-					t.Errorf("log lacks %q:\n%s", want, log)
-				}
+			if path == "/" && !strings.Contains(resp.Header.Get("Content-Security-Policy"), "default-src 'self'") {
+				t.Errorf("GET /: Content-Security-Policy = %q", resp.Header.Get("Content-Security-Policy"))
 			}
-			if strings.Contains(log, ":guest@") {
-				t.Errorf("log shows the AMQP password:\n%s", log)
+		}
+		if err := stop(); err != nil {
+			t.Errorf("run = %v, want nil", err)
+		}
+		log := out.String()
+		for _, want := range []string{"amqp connected", "bus STOPPING", "bus EXITED"} {
+			if !strings.Contains(log, want) {
+				t.Errorf("log lacks %q:\n%s", want, log)
 			}
-		})
-	}
+		}
+		if strings.Contains(log, ":guest@") {
+			t.Errorf("log shows the AMQP password:\n%s", log)
+		}
+	})
 }
 
 func TestRunFailsWhenTheBrokerIsUnreachable(t *testing.T) {
