@@ -1,0 +1,198 @@
+package main
+
+// AMQP channels of the embedded broker: frames dispatched to them,
+// deliveries, acknowledgements and publishing.
+
+import (
+	"encoding/binary"
+	"io"
+)
+
+// brokerChannel is one AMQP channel of a connection. All of its fields are
+// guarded by broker.mu.
+type brokerChannel struct {
+	id        uint16
+	conn      *brokerConn
+	closing   bool // channel.close sent; waiting for close-ok
+	active    bool // channel.flow
+	prefetch  int  // 0: no limit
+	consumers map[string]*consumer
+	unacked   []delivery // in delivery tag order
+	nextTag   uint64
+	confirm   bool
+	published uint64 // publish sequence number in confirm mode
+	lastQueue string // the queue an empty queue name stands for
+	incoming  *incoming
+}
+
+// delivery is a message delivered and not yet acknowledged.
+type delivery struct {
+	tag   uint64
+	msg   *message
+	queue *queue
+}
+
+// incoming is a message being received: its basic.publish arrived, its
+// header and body frames are on their way.
+type incoming struct {
+	msg       message
+	mandatory bool
+	size      uint64
+	haveHead  bool
+}
+
+// canTake reports whether the channel may receive another delivery.
+func (ch *brokerChannel) canTake() bool {
+	return ch.active && !ch.closing &&
+		(ch.prefetch == 0 || len(ch.unacked) < ch.prefetch) && !ch.conn.pendingFull()
+}
+
+// deliver sends r to consumer c as basic.deliver.
+func (ch *brokerChannel) deliver(c *consumer, q *queue, r ready) {
+	ch.nextTag++
+	tag := ch.nextTag
+	if !c.noAck {
+		ch.unacked = append(ch.unacked, delivery{tag: tag, msg: r.msg, queue: q})
+	}
+	buf := appendMethod(nil, ch.id, basicDeliver, func(w *wireWriter) {
+		w.shortstr(c.tag)
+		w.longlong(tag)
+		w.bit(r.redelivered)
+		w.shortstr(r.msg.exchange)
+		w.shortstr(r.msg.routingKey)
+	})
+	ch.conn.send(appendContent(buf, ch.id, r.msg, ch.conn.frameMax))
+}
+
+// redispatch offers messages to this channel's consumers again, once the
+// channel can take more.
+func (ch *brokerChannel) redispatch() {
+	for _, c := range ch.consumers {
+		c.queue.dispatch()
+	}
+}
+
+// close cancels the channel's consumers and requeues its unacknowledged
+// deliveries. broker.mu is held.
+func (ch *brokerChannel) close() {
+	b := ch.conn.broker
+	for _, c := range ch.consumers {
+		b.removeConsumer(c)
+	}
+	ch.consumers = nil
+	ch.incoming = nil
+	unacked := ch.unacked
+	ch.unacked = nil
+	ch.requeue(unacked)
+}
+
+// requeue returns deliveries to their queues and dispatches them again.
+func (ch *brokerChannel) requeue(ds []delivery) {
+	byQueue := map[*queue][]*message{}
+	var order []*queue
+	for _, d := range ds {
+		if _, ok := byQueue[d.queue]; !ok {
+			order = append(order, d.queue)
+		}
+		byQueue[d.queue] = append(byQueue[d.queue], d.msg)
+	}
+	for _, q := range order {
+		if ch.conn.broker.queues[q.name] == q {
+			q.requeue(byQueue[q])
+		}
+	}
+	for _, q := range order {
+		q.dispatch()
+	}
+}
+
+// handleFrame handles one frame after the handshake. A channel error
+// closes the channel and returns nil; a connection error is returned.
+// broker.mu is held.
+func (c *brokerConn) handleFrame(f frame) error {
+	if c.closing {
+		if f.typ == frameMethod && f.channel == 0 && len(f.payload) >= 4 &&
+			method(binary.BigEndian.Uint32(f.payload)) == connectionCloseOk {
+			return io.EOF
+		}
+		return nil // everything else is ignored until close-ok
+	}
+	if f.typ == frameHeartbeat {
+		if f.channel != 0 {
+			return connectionError(replyFrameError, 0, "heartbeat on channel %d", f.channel)
+		}
+		return nil
+	}
+	if f.channel == 0 {
+		if f.typ != frameMethod {
+			return connectionError(replyUnexpectedFrame, 0, "content frame on channel 0")
+		}
+		return c.handleConnectionMethod(f.payload)
+	}
+	ch := c.channels[f.channel]
+	var err *amqpError
+	switch {
+	case ch == nil && f.typ == frameMethod:
+		err = c.openChannel(f.channel, f.payload)
+	case ch == nil:
+		err = connectionError(replyChannelError, 0, "channel %d is not open", f.channel)
+	case ch.closing:
+		if f.typ == frameMethod && len(f.payload) >= 4 {
+			if m := method(binary.BigEndian.Uint32(f.payload)); m == channelCloseOk || m == channelClose {
+				delete(c.channels, ch.id)
+				if m == channelClose {
+					c.sendMethod(ch.id, channelCloseOk, nil)
+				}
+			}
+		}
+	case f.typ == frameMethod:
+		err = ch.handleMethod(f.payload)
+	case f.typ == frameHeader || f.typ == frameBody:
+		err = ch.handleContent(f)
+	default:
+		err = connectionError(replyFrameError, 0, "unknown frame type %d", f.typ)
+	}
+	if err == nil {
+		return nil
+	}
+	if err.connection {
+		return err
+	}
+	// A channel error: close the channel, keep the connection.
+	ch = c.channels[f.channel]
+	ch.close()
+	ch.closing = true
+	c.sendMethod(ch.id, channelClose, func(w *wireWriter) {
+		w.short(err.code)
+		w.shortstr(err.text)
+		w.short(err.cause.class())
+		w.short(err.cause.id())
+	})
+	return nil
+}
+
+// handleConnectionMethod handles methods on channel 0 after the handshake.
+func (c *brokerConn) handleConnectionMethod(payload []byte) error {
+	r := &wireReader{b: payload}
+	m := method(r.long())
+	switch m {
+	case connectionClose:
+		c.sendMethod(0, connectionCloseOk, nil)
+		return io.EOF
+	case connectionCloseOk:
+		return io.EOF
+	}
+	return connectionError(replyCommandInvalid, m, "unexpected method %d.%d on channel 0", m.class(), m.id())
+}
+
+// openChannel handles the first frame on a channel that is not open,
+// which must be channel.open.
+func (c *brokerConn) openChannel(id uint16, payload []byte) *amqpError {
+	r := &wireReader{b: payload}
+	if m := method(r.long()); m != channelOpen {
+		return connectionError(replyChannelError, m, "channel %d is not open", id)
+	}
+	c.channels[id] = &brokerChannel{id: id, conn: c, active: true, consumers: make(map[string]*consumer)}
+	c.sendMethod(id, channelOpenOk, func(w *wireWriter) { w.longstr(nil) })
+	return nil
+}
