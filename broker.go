@@ -8,11 +8,23 @@ package main
 // like RabbitMQ where the two differ.
 //
 // What it speaks: the default exchange and direct, fanout and topic
-// exchanges; queues (server-named, exclusive, auto-delete, with a maximum
-// length); consumers with prefetch, acks, nacks, rejects and recover;
-// basic.get; mandatory returns; publisher confirms; heartbeats. What it
-// does not: persistence, transactions, headers exchanges, exchange-to-
-// exchange bindings, virtual hosts other than "/", TLS, clustering.
+// exchanges, and bindings between exchanges; queues (server-named,
+// exclusive, auto-delete, x-expires, x-max-length and x-max-length-bytes
+// with drop-head or reject-publish, x-message-ttl and per-message
+// expiration, dead-letter exchanges with x-death); consumers with prefetch
+// per consumer or per channel, acks, nacks, rejects and recover;
+// basic.get; mandatory returns; publisher confirms; transactions;
+// connection.blocked; heartbeats. What it does not: persistence, headers
+// exchanges, priorities, streams and quorum queues, virtual hosts other
+// than "/", TLS, clustering. What it does not implement it refuses with
+// RabbitMQ's error (540 NOT_IMPLEMENTED), never accepts and ignores, so
+// that code tried against it behaves the same on RabbitMQ.
+//
+// It is built to be exposed: guest may connect only from loopback, as in
+// RabbitMQ; connections, channels, queues, exchanges, consumers and
+// bindings are capped; the bytes of messages it holds are bounded, per
+// queue and in all; and nothing it does under its one lock takes longer
+// than the size of what it touches (topic matching included).
 //
 // It is in six files: broker.go (the Broker and its life),
 // broker_wire.go (frames, fields, tables), broker_model.go (exchanges,
@@ -24,17 +36,28 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"sync"
 	"time"
 )
 
-// BrokerConfig sets the embedded broker's credentials and limits.
+// BrokerConfig sets the embedded broker's credentials and limits. Every
+// limit bounds what clients can make the broker hold, so that its memory
+// is bounded in bytes whatever they send.
 type BrokerConfig struct {
-	User, Password string        // the one account; guest/guest if empty
+	User, Password string        // the one account; guest/guest if both are empty (guest may connect only from loopback)
 	MaxQueueLength int           // ready messages a queue holds; 0 means 100,000
+	MaxQueueBytes  int64         // bytes of ready messages a queue holds; 0 means 64 MiB
+	MaxMemory      int64         // bytes of messages the broker holds before it refuses publishes; 0 means 256 MiB
+	MaxConns       int           // client connections at once; 0 means 1,000
+	ChannelMax     int           // channels per connection; 0 means 2,047
+	MaxQueues      int           // queues at once; 0 means 10,000
+	MaxExchanges   int           // exchanges at once; 0 means 10,000
+	MaxConsumers   int           // consumers at once; 0 means 100,000
 	FrameMax       int           // largest frame offered to clients; 0 means 128 KiB
 	MaxMessage     int           // largest message body accepted; 0 means 16 MiB
+	ContentTimeout time.Duration // how long a publish's content may take to arrive whole; 0 means 30s
 	Heartbeat      time.Duration // heartbeat offered to clients; 0 means 60s
 	Logger         *slog.Logger  // nil logs nothing
 }
@@ -44,15 +67,29 @@ func (cfg BrokerConfig) withDefaults() BrokerConfig {
 	if cfg.User == "" && cfg.Password == "" {
 		cfg.User, cfg.Password = "guest", "guest"
 	}
-	if cfg.MaxQueueLength <= 0 {
-		cfg.MaxQueueLength = 100_000
+	orDefault := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
 	}
-	if cfg.FrameMax <= 0 {
-		cfg.FrameMax = 128 << 10
-	}
+	orDefault(&cfg.MaxQueueLength, 100_000)
+	orDefault(&cfg.MaxConns, 1000)
+	orDefault(&cfg.ChannelMax, 2047)
+	orDefault(&cfg.MaxQueues, 10_000)
+	orDefault(&cfg.MaxExchanges, 10_000)
+	orDefault(&cfg.MaxConsumers, 100_000)
+	orDefault(&cfg.FrameMax, 128<<10)
+	orDefault(&cfg.MaxMessage, 16<<20)
 	cfg.FrameMax = max(cfg.FrameMax, frameMinSize)
-	if cfg.MaxMessage <= 0 {
-		cfg.MaxMessage = 16 << 20
+	cfg.ChannelMax = min(cfg.ChannelMax, math.MaxUint16)
+	if cfg.MaxQueueBytes <= 0 {
+		cfg.MaxQueueBytes = 64 << 20
+	}
+	if cfg.MaxMemory <= 0 {
+		cfg.MaxMemory = 256 << 20
+	}
+	if cfg.ContentTimeout <= 0 {
+		cfg.ContentTimeout = 30 * time.Second
 	}
 	if cfg.Heartbeat <= 0 {
 		cfg.Heartbeat = 60 * time.Second
@@ -70,7 +107,8 @@ type Broker struct {
 
 	// mu guards the model, and every connection's channels, consumers and
 	// unacknowledged deliveries: the broker is small enough that one lock
-	// is both simplest and fast enough.
+	// is both simplest and fast enough, since nothing done under it takes
+	// longer than the size of what it touches.
 	mu        sync.Mutex
 	exchanges map[string]*exchange
 	queues    map[string]*queue
@@ -78,7 +116,52 @@ type Broker struct {
 	listeners []net.Listener
 	closed    bool
 
+	held          int64  // bytes of messages held: ready, unacknowledged, arriving, in transactions
+	blocked       bool   // over budget: connection.blocked was sent, publishes are refused
+	gen           uint64 // counts publishes, to stamp what routing visits
+	consumers     int    // consumers on all queues
+	nbindings     int    // bindings on all exchanges
+	deadLettering int    // depth of dead-lettering under way, to bound chains of it
+
 	wg sync.WaitGroup // one count per connection and per accept loop
+}
+
+// overBudget reports whether the broker holds more message bytes than
+// cfg.MaxMemory, and tells clients when that changes.
+func (b *Broker) overBudget() bool {
+	b.checkBudget()
+	return b.blocked
+}
+
+// checkBudget sends connection.blocked to every client that understands it
+// when the broker goes over its memory budget, and connection.unblocked
+// once it is back under three quarters of it (so that a client hovering
+// at the line does not make it flap). RabbitMQ, at its memory alarm, stops
+// reading from publishing connections; this broker refuses their publishes
+// instead (basic.nack in confirm mode), since a client that publishes and
+// consumes on one connection, as wsamqp does, would then never read the
+// acks that free memory.
+func (b *Broker) checkBudget() {
+	var change method
+	switch {
+	case !b.blocked && b.held > b.cfg.MaxMemory:
+		b.blocked, change = true, connectionBlocked
+		b.cfg.Logger.Warn("broker: over its memory budget; refusing publishes", "held", b.held, "budget", b.cfg.MaxMemory)
+	case b.blocked && b.held <= b.cfg.MaxMemory/4*3:
+		b.blocked, change = false, connectionUnblocked
+		b.cfg.Logger.Info("broker: back under its memory budget", "held", b.held, "budget", b.cfg.MaxMemory)
+	default:
+		return
+	}
+	for c := range b.conns {
+		if c.blockedCapable {
+			c.sendMethod(0, change, func(w *wireWriter) {
+				if change == connectionBlocked {
+					w.shortstr("low on memory")
+				}
+			})
+		}
+	}
 }
 
 // NewBroker returns a running broker with the default exchange and the
@@ -138,9 +221,13 @@ func (b *Broker) Listen(addr string) (net.Addr, error) {
 	return ln.Addr(), nil
 }
 
+// closeGrace bounds how long Close waits for clients to take their
+// connection.close before it drops their connections.
+const closeGrace = 2 * time.Second
+
 // Close tells every client the broker is going away (320 CONNECTION_FORCED,
 // as RabbitMQ does on shutdown), drops all messages, and returns once every
-// connection has ended.
+// connection has ended: within closeGrace for a client that does not read.
 func (b *Broker) Close() error {
 	b.mu.Lock()
 	b.closed = true
@@ -151,6 +238,23 @@ func (b *Broker) Close() error {
 		c.fail(connectionError(replyConnectionForced, 0, "broker shutdown"))
 	}
 	b.mu.Unlock()
-	b.wg.Wait()
+	ended := make(chan struct{})
+	go func() {
+		b.wg.Wait()
+		close(ended)
+	}()
+	t := time.NewTimer(closeGrace)
+	defer t.Stop()
+	select {
+	case <-ended:
+		return nil
+	case <-t.C:
+	}
+	b.mu.Lock()
+	for c := range b.conns {
+		c.nc.Close() // its writer's next write fails, and its reader's next read
+	}
+	b.mu.Unlock()
+	<-ended
 	return nil
 }

@@ -6,6 +6,8 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -43,13 +45,18 @@ type brokerConn struct {
 	nc     net.Conn
 	r      *bufio.Reader
 
-	// Set by the handshake, then read-only.
-	frameMax  int
-	heartbeat time.Duration
+	// Set by serve and the handshake, then read-only.
+	frameMax       int
+	channelMax     int
+	heartbeat      time.Duration
+	blockedCapable bool // the client understands connection.blocked
+	overLimit      bool // one connection too many: refused at connection.open
 
 	// Guarded by broker.mu.
-	channels map[uint16]*brokerChannel
-	closing  bool // connection.close sent; only close-ok is read now
+	channels  map[uint16]*brokerChannel
+	closing   bool                // connection.close sent; only close-ok is read now
+	exclusive map[*queue]struct{} // the exclusive queues it owns, deleted with it
+	partial   int                 // publishes whose content has not all arrived
 
 	// mu guards the fields below it.
 	mu        sync.Mutex
@@ -64,19 +71,24 @@ type brokerConn struct {
 // serve starts serving nc, unless the broker is closed.
 func (b *Broker) serve(nc net.Conn) bool {
 	c := &brokerConn{
-		broker:   b,
-		nc:       nc,
-		r:        bufio.NewReaderSize(nc, 64<<10),
-		frameMax: frameMinSize,
-		channels: make(map[uint16]*brokerChannel),
-		wake:     make(chan struct{}, 1),
-		done:     make(chan struct{}),
+		broker:    b,
+		nc:        nc,
+		r:         bufio.NewReaderSize(nc, 64<<10),
+		frameMax:  frameMinSize,
+		channels:  make(map[uint16]*brokerChannel),
+		exclusive: make(map[*queue]struct{}),
+		wake:      make(chan struct{}, 1),
+		done:      make(chan struct{}),
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.closed {
+	// Past the connection limit a client is still answered, at
+	// connection.open, with RabbitMQ's 530; past twice the limit it is
+	// not even read.
+	if b.closed || len(b.conns) >= 2*b.cfg.MaxConns {
 		return false
 	}
+	c.overLimit = len(b.conns) >= b.cfg.MaxConns
 	b.conns[c] = struct{}{}
 	b.wg.Add(1)
 	go c.run()
@@ -103,12 +115,25 @@ func (c *brokerConn) run() {
 		c.broker.mu.Unlock()
 		c.awaitCloseOk()
 	}
+	if errors.Is(err, errClientClosed) {
+		// Close-ok "tells the recipient that it is safe to close the
+		// socket": the client closes first, so that it reads the close-ok
+		// before it sees the connection end. It gets closeTimeout.
+		c.nc.SetReadDeadline(time.Now().Add(closeTimeout))
+		io.Copy(io.Discard, c.r)
+	}
 	c.broker.mu.Lock()
 	c.teardown()
 	c.broker.mu.Unlock()
 	close(c.done)
 	helpers.Wait()
 	c.nc.Close()
+	// Only now does the broker forget it: until then Close may still have
+	// to drop a connection whose writer is stuck on a client that does
+	// not read.
+	c.broker.mu.Lock()
+	delete(c.broker.conns, c)
+	c.broker.mu.Unlock()
 	c.broker.wg.Done()
 }
 
@@ -130,14 +155,20 @@ func (c *brokerConn) handshake() error {
 		w.octet(0)
 		w.octet(9)
 		w.table(Table{
-			"product":  "wsamqp embedded broker",
-			"platform": "Go",
+			// Clients gate RabbitMQ's extensions on this name (amqp091-go's
+			// own tests do); the broker implements those it announces
+			// below, and says what it is in "information".
+			"product":     "RabbitMQ",
+			"version":     "3.10.8",
+			"platform":    "Go",
+			"information": "wsamqp embedded broker: in memory, one virtual host, RabbitMQ's semantics",
 			"capabilities": Table{
 				"publisher_confirms":         true,
 				"basic.nack":                 true,
 				"consumer_cancel_notify":     true,
-				"exchange_exchange_bindings": false,
-				"per_consumer_qos":           false,
+				"exchange_exchange_bindings": true,
+				"per_consumer_qos":           true,
+				"connection.blocked":         true,
 			},
 		})
 		w.longstr([]byte("PLAIN"))
@@ -148,7 +179,7 @@ func (c *brokerConn) handshake() error {
 	if err != nil {
 		return err
 	}
-	r.table() // client properties
+	props := r.table()
 	mechanism, response := r.shortstr(), r.longstr()
 	r.shortstr() // locale
 	if r.err != nil {
@@ -157,20 +188,26 @@ func (c *brokerConn) handshake() error {
 	if mechanism != "PLAIN" {
 		return connectionError(replyAccessRefused, connectionStartOk, "mechanism %s not supported", mechanism)
 	}
+	if caps, ok := props["capabilities"].(Table); ok {
+		c.blockedCapable, _ = caps["connection.blocked"].(bool)
+	}
 	user, password := parsePlain(response)
-	if user != cfg.User || password != cfg.Password {
+	if !cfg.login(user, password) {
 		return connectionError(replyAccessRefused, connectionStartOk, "Login was refused using authentication mechanism PLAIN")
+	}
+	if user == "guest" && !fromLoopback(c.nc) {
+		return connectionError(replyAccessRefused, connectionStartOk, "User 'guest' can only connect via localhost")
 	}
 
 	c.sendMethod(0, connectionTune, func(w *wireWriter) {
-		w.short(2047)
+		w.short(uint16(cfg.ChannelMax))
 		w.long(uint32(cfg.FrameMax))
 		w.short(uint16(cfg.Heartbeat / time.Second))
 	})
 	if r, err = c.expect(connectionTuneOk); err != nil {
 		return err
 	}
-	r.short() // channel-max: the client's own limit
+	channelMax := int(r.short())
 	frameMax, heartbeat := int(r.long()), time.Duration(r.short())*time.Second
 	if r.err != nil {
 		return connectionError(replySyntaxError, connectionTuneOk, "%v", r.err)
@@ -179,6 +216,10 @@ func (c *brokerConn) handshake() error {
 		frameMax = cfg.FrameMax
 	}
 	c.frameMax, c.heartbeat = max(frameMax, frameMinSize), heartbeat
+	c.channelMax = cfg.ChannelMax
+	if channelMax > 0 {
+		c.channelMax = min(channelMax, cfg.ChannelMax)
+	}
 
 	if r, err = c.expect(connectionOpen); err != nil {
 		return err
@@ -186,8 +227,32 @@ func (c *brokerConn) handshake() error {
 	if vhost := r.shortstr(); vhost != "/" {
 		return connectionError(replyNotAllowed, connectionOpen, "vhost %s not found", vhost)
 	}
+	if c.overLimit {
+		return connectionError(replyNotAllowed, connectionOpen, "access to vhost '/' refused for user '%s': connection limit (%d) is reached", user, cfg.MaxConns)
+	}
 	c.sendMethod(0, connectionOpenOk, func(w *wireWriter) { w.shortstr("") })
 	return nil
+}
+
+// login reports whether user and password are the account's. The
+// comparison takes the same time whatever the guess, so that it tells an
+// attacker nothing of how close it came: both sides are hashed first, since
+// subtle.ConstantTimeCompare takes time by length.
+func (cfg BrokerConfig) login(user, password string) bool {
+	hash := func(s string) []byte { h := sha256.Sum256([]byte(s)); return h[:] }
+	userOK := subtle.ConstantTimeCompare(hash(user), hash(cfg.User))
+	passwordOK := subtle.ConstantTimeCompare(hash(password), hash(cfg.Password))
+	return userOK&passwordOK == 1
+}
+
+// fromLoopback reports whether a client connected from this machine: over
+// TCP from a loopback address, or in-process through Dial.
+func fromLoopback(nc net.Conn) bool {
+	addr, ok := nc.RemoteAddr().(*net.TCPAddr)
+	if !ok {
+		return nc.RemoteAddr().Network() == "pipe"
+	}
+	return addr.IP.IsLoopback()
 }
 
 // parsePlain splits a SASL PLAIN response, "\x00user\x00password".
@@ -228,23 +293,60 @@ func frameErr(err error) error {
 
 // readLoop reads and handles frames until the connection ends.
 func (c *brokerConn) readLoop() error {
+	var content time.Time // when the oldest unfinished publish must be whole; zero for none
 	for closing := false; ; {
+		var deadline time.Time
 		if c.heartbeat > 0 && !closing {
 			// Two missed heartbeats and the client is taken for dead.
-			c.nc.SetReadDeadline(time.Now().Add(2 * c.heartbeat))
+			deadline = time.Now().Add(2 * c.heartbeat)
+		}
+		if !content.IsZero() && !closing && (deadline.IsZero() || content.Before(deadline)) {
+			deadline = content
+		}
+		if !closing {
+			c.nc.SetReadDeadline(deadline)
 		}
 		f, err := readFrame(c.r, c.frameMax)
 		if err != nil {
+			if !content.IsZero() && !time.Now().Before(content) {
+				return c.contentTimedOut()
+			}
 			return frameErr(err)
 		}
 		c.broker.mu.Lock()
 		err = c.handleFrame(f)
 		closing = c.closing // fail set a deadline for the close-ok
+		content = c.contentDeadline()
+		c.broker.checkBudget()
 		c.broker.mu.Unlock()
 		if err != nil {
 			return err
 		}
+		if !content.IsZero() && !time.Now().Before(content) {
+			return c.contentTimedOut()
+		}
 	}
+}
+
+// contentDeadline returns when the oldest unfinished publish must be
+// whole, or zero if none is under way. broker.mu is held.
+func (c *brokerConn) contentDeadline() time.Time {
+	var first time.Time
+	if c.partial == 0 {
+		return first
+	}
+	for _, ch := range c.channels {
+		if in := ch.incoming; in != nil && (first.IsZero() || in.deadline.Before(first)) {
+			first = in.deadline
+		}
+	}
+	return first
+}
+
+// contentTimedOut is the error for a client that began a publish and did
+// not finish it in time: what it sent so far cannot be held for ever.
+func (c *brokerConn) contentTimedOut() error {
+	return connectionError(replyFrameError, basicPublish, "message content did not arrive whole within %v", c.broker.cfg.ContentTimeout)
 }
 
 // awaitCloseOk sends a connection error's connection.close and waits a
@@ -270,12 +372,9 @@ func (c *brokerConn) teardown() {
 		ch.close()
 	}
 	c.channels = nil
-	for _, q := range c.broker.queues {
-		if q.exclusive == c {
-			c.broker.deleteQueue(q)
-		}
+	for q := range c.exclusive {
+		c.broker.deleteQueue(q)
 	}
-	delete(c.broker.conns, c)
 }
 
 // fail reports err to the client: a connection.close for a connection

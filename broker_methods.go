@@ -1,13 +1,20 @@
 package main
 
-// The methods an AMQP channel of the embedded broker answers: exchange,
-// queue, basic and confirm classes.
+// The methods an AMQP channel of the embedded broker answers: the
+// channel, exchange, queue, basic, confirm and tx classes.
 
 import (
+	"cmp"
+	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
+
+// maxBindings bounds the bindings of the whole broker: each holds a
+// routing key of up to 255 bytes, so this bounds their memory too.
+const maxBindings = 1 << 20
 
 // handleMethod handles a method frame on an open channel.
 func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
@@ -42,16 +49,21 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		return nil
 
 	case channelFlow:
-		ch.active = r.bit()
-		reply(false, channelFlowOk, func(w *wireWriter) { w.bit(ch.active) })
-		ch.redispatch()
-		return syntax()
+		active := r.bit()
+		if err := syntax(); err != nil {
+			return err
+		}
+		if !active { // RabbitMQ does not stop deliveries on request either
+			return connectionError(replyNotImplemented, m, "active=false")
+		}
+		reply(false, channelFlowOk, func(w *wireWriter) { w.bit(true) })
+		return nil
 
 	case exchangeDeclare:
 		r.short()
 		name, kind := r.shortstr(), r.shortstr()
 		passive, durable, autoDelete, internal, noWait := r.bit(), r.bit(), r.bit(), r.bit(), r.bit()
-		r.table()
+		args := r.table()
 		if err := syntax(); err != nil {
 			return err
 		}
@@ -64,10 +76,14 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 			return channelError(replyAccessRefused, m, "exchange name '%s' contains reserved prefix 'amq.*'", name)
 		case kind != "direct" && kind != "fanout" && kind != "topic":
 			return connectionError(replyCommandInvalid, m, "invalid exchange type '%s'", kind)
+		case args["alternate-exchange"] != nil:
+			return connectionError(replyNotImplemented, m, "alternate-exchange is not implemented by the embedded broker")
 		case exists && e.kind != kind:
 			return channelError(replyPreconditionFailed, m, "inequivalent arg 'type' for exchange '%s' in vhost '/': received '%s' but current is '%s'", name, kind, e.kind)
 		case exists && e.durable != durable:
 			return channelError(replyPreconditionFailed, m, "inequivalent arg 'durable' for exchange '%s' in vhost '/': received '%t' but current is '%t'", name, durable, e.durable)
+		case !exists && len(b.exchanges) >= b.cfg.MaxExchanges:
+			return channelError(replyPreconditionFailed, m, "cannot declare exchange '%s' in vhost '/': exchange limit (%d) is reached", name, b.cfg.MaxExchanges)
 		case !exists:
 			b.exchanges[name] = &exchange{name: name, kind: kind, durable: durable, autoDelete: autoDelete, internal: internal}
 		}
@@ -84,11 +100,39 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		switch {
 		case name == "" || strings.HasPrefix(name, "amq."):
 			return channelError(replyAccessRefused, m, "operation not permitted on the default exchange or 'amq.*' exchanges")
-		case exists && ifUnused && len(e.bindings) > 0:
+		case exists && ifUnused && e.bindings.len() > 0:
 			return channelError(replyPreconditionFailed, m, "exchange '%s' in vhost '/' in use", name)
+		case exists:
+			b.deleteExchange(e)
 		}
-		delete(b.exchanges, name)
 		reply(noWait, exchangeDeleteOk, nil)
+		return nil
+
+	case exchangeBind, exchangeUnbind:
+		r.short()
+		dname, sname, key, noWait := r.shortstr(), r.shortstr(), r.shortstr(), r.bit()
+		r.table()
+		if err := syntax(); err != nil {
+			return err
+		}
+		dest, err := ch.findExchange(m, dname)
+		if err != nil {
+			return err
+		}
+		source, err := ch.findExchange(m, sname)
+		if err != nil {
+			return err
+		}
+		bd := binding{source: source, dest: dest, key: key}
+		if m == exchangeUnbind {
+			b.unbind(bd)
+			reply(noWait, exchangeUnbindOk, nil)
+			return nil
+		}
+		if err := b.addBinding(m, bd); err != nil {
+			return err
+		}
+		reply(noWait, exchangeBindOk, nil)
 		return nil
 
 	case queueDeclare:
@@ -113,13 +157,20 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 			return channelError(replyAccessRefused, m, "queue name '%s' contains reserved prefix 'amq.*'", name)
 		case exists && (q.durable != durable || (q.exclusive != nil) != exclusive || q.autoDelete != autoDelete):
 			return channelError(replyPreconditionFailed, m, "inequivalent arg 'durable', 'exclusive' or 'auto_delete' for queue '%s' in vhost '/'", name)
-		case !exists:
-			q = &queue{name: name, durable: durable, autoDelete: autoDelete, maxLength: b.cfg.MaxQueueLength}
-			if exclusive {
-				q.exclusive = c
+		case exists:
+			if err := q.equivalent(args, m); err != nil {
+				return err
 			}
+		case len(b.queues) >= b.cfg.MaxQueues:
+			return channelError(replyPreconditionFailed, m, "cannot declare queue '%s' in vhost '/': queue limit (%d) is reached", name, b.cfg.MaxQueues)
+		default:
+			q = &queue{name: name, durable: durable, autoDelete: autoDelete, maxLength: b.cfg.MaxQueueLength, maxBytes: b.cfg.MaxQueueBytes}
 			if err := q.applyArguments(args, m); err != nil {
 				return err
+			}
+			if exclusive {
+				q.exclusive = c
+				c.exclusive[q] = struct{}{}
 			}
 			b.queues[name] = q
 		}
@@ -144,18 +195,16 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if err != nil {
 			return err
 		}
-		bd := binding{queue: q, key: key}
-		if m == queueBind {
-			if !slices.Contains(e.bindings, bd) {
-				e.bindings = append(e.bindings, bd)
-				e.wasBound = true
-			}
-			reply(noWait, queueBindOk, nil)
+		bd := binding{source: e, queue: q, key: key}
+		if m == queueUnbind {
+			b.unbind(bd)
+			reply(false, queueUnbindOk, nil)
 			return nil
 		}
-		e.bindings = slices.DeleteFunc(e.bindings, func(x binding) bool { return x == bd })
-		b.exchangeUnbound(e)
-		reply(false, queueUnbindOk, nil)
+		if err := b.addBinding(m, bd); err != nil {
+			return err
+		}
+		reply(noWait, queueBindOk, nil)
 		return nil
 
 	case queuePurge:
@@ -169,7 +218,8 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 			return err
 		}
 		n := len(q.messages)
-		q.messages = nil
+		b.held -= q.bytes
+		q.messages, q.bytes = nil, 0
 		reply(noWait, queuePurgeOk, func(w *wireWriter) { w.long(uint32(n)) })
 		return nil
 
@@ -199,15 +249,20 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		return nil
 
 	case basicQos:
-		size, count := r.long(), r.short()
-		r.bit() // global: the limit is per channel either way
+		size, count, global := r.long(), r.short(), r.bit()
 		if err := syntax(); err != nil {
 			return err
 		}
 		if size != 0 {
 			return connectionError(replyNotImplemented, m, "prefetch_size!=0 (%d)", size)
 		}
-		ch.prefetch = int(count)
+		// As in RabbitMQ: global=false limits each consumer the channel
+		// creates from now on, global=true the channel as a whole.
+		if global {
+			ch.prefetch = int(count)
+		} else {
+			ch.consumerPrefetch = int(count)
+		}
 		reply(false, basicQosOk, nil)
 		ch.redispatch()
 		return nil
@@ -217,13 +272,18 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		qname, tag := r.shortstr(), r.shortstr()
 		r.bit() // no-local: RabbitMQ ignores it too
 		noAck, exclusive, noWait := r.bit(), r.bit(), r.bit()
-		r.table()
+		args := r.table()
 		if err := syntax(); err != nil {
 			return err
 		}
 		q, err := ch.findQueue(m, qname)
 		if err != nil {
 			return err
+		}
+		for _, arg := range []string{"x-priority", "x-stream-offset", "x-cancel-on-ha-failover"} {
+			if _, ok := args[arg]; ok {
+				return connectionError(replyNotImplemented, m, "consumer argument %s is not implemented by the embedded broker", arg)
+			}
 		}
 		if tag == "" {
 			tag = newName("amq.ctag-")
@@ -234,13 +294,14 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if len(q.consumers) > 0 && (exclusive || q.consumers[0].exclusive) {
 			return channelError(replyAccessRefused, m, "queue '%s' in vhost '/' in exclusive use", q.name)
 		}
-		cons := &consumer{tag: tag, ch: ch, queue: q, noAck: noAck, exclusive: exclusive}
+		if b.consumers >= b.cfg.MaxConsumers {
+			return channelError(replyPreconditionFailed, m, "cannot consume from queue '%s': consumer limit (%d) is reached", q.name, b.cfg.MaxConsumers)
+		}
+		cons := &consumer{tag: tag, ch: ch, queue: q, noAck: noAck, exclusive: exclusive, prefetch: ch.consumerPrefetch}
 		ch.consumers[tag] = cons
-		q.consumers = append(q.consumers, cons)
-		q.consumed = true
-		q.used++ // stops any expiry timer
+		b.addConsumer(cons)
 		reply(noWait, basicConsumeOk, func(w *wireWriter) { w.shortstr(tag) })
-		q.dispatch()
+		b.dispatch(q)
 		return nil
 
 	case basicCancel:
@@ -271,7 +332,12 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if e.internal {
 			return channelError(replyAccessRefused, m, "cannot publish to internal exchange '%s' in vhost '/'", ename)
 		}
-		ch.incoming = &incoming{msg: message{exchange: ename, routingKey: key}, mandatory: mandatory}
+		ch.incoming = &incoming{
+			msg:       message{exchange: ename, routingKey: key},
+			mandatory: mandatory,
+			deadline:  time.Now().Add(b.cfg.ContentTimeout),
+		}
+		c.partial++
 		return nil
 
 	case basicGet:
@@ -284,16 +350,18 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if err != nil {
 			return err
 		}
+		b.trim(q, time.Now()) // expired messages are never got
+		b.use(q)
 		if len(q.messages) == 0 {
 			c.sendMethod(ch.id, basicGetEmpty, func(w *wireWriter) { w.shortstr("") })
 			return nil
 		}
-		rd := q.messages[0]
-		q.messages = q.messages[1:]
-		b.use(q)
+		rd := b.take(q)
 		ch.nextTag++
-		if !noAck {
-			ch.unacked = append(ch.unacked, delivery{tag: ch.nextTag, msg: rd.msg, queue: q})
+		if noAck {
+			b.held -= rd.msg.size()
+		} else {
+			ch.unacked = append(ch.unacked, delivery{tag: ch.nextTag, msg: rd.msg, queue: q, deaths: rd.deaths})
 		}
 		buf := appendMethod(nil, ch.id, basicGetOk, func(w *wireWriter) {
 			w.longlong(ch.nextTag)
@@ -311,6 +379,10 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		requeue := m != basicAck && r.bit()
 		if err := syntax(); err != nil {
 			return err
+		}
+		if ch.tx {
+			ch.txSettle = append(ch.txSettle, settlement{m, tag, multiple, requeue})
+			return nil
 		}
 		return ch.settle(m, tag, multiple, requeue)
 
@@ -331,29 +403,107 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if err := syntax(); err != nil {
 			return err
 		}
+		if ch.tx {
+			return channelError(replyPreconditionFailed, m, "cannot switch from tx to confirm mode")
+		}
 		ch.confirm = true
 		reply(noWait, confirmSelectOk, nil)
+		return nil
+
+	case txSelect:
+		if ch.confirm {
+			return channelError(replyPreconditionFailed, m, "cannot switch from confirm to tx mode")
+		}
+		ch.tx = true
+		reply(false, txSelectOk, nil)
+		return nil
+
+	case txCommit, txRollback:
+		if !ch.tx {
+			return channelError(replyPreconditionFailed, m, "channel is not transactional")
+		}
+		publishes, settles := ch.txPublish, ch.txSettle
+		ch.txPublish, ch.txSettle = nil, nil
+		for _, in := range publishes {
+			b.held -= int64(len(in.msg.body)) // publish counts it again where it lands
+			if m == txCommit {
+				ch.publish(in)
+			}
+		}
+		if m == txCommit {
+			for _, s := range settles {
+				if err := ch.settle(s.m, s.tag, s.multiple, s.requeue); err != nil {
+					return err
+				}
+			}
+			reply(false, txCommitOk, nil)
+		} else {
+			reply(false, txRollbackOk, nil)
+		}
 		return nil
 	}
 	return connectionError(replyNotImplemented, m, "method %d.%d is not implemented by the embedded broker", m.class(), m.id())
 }
 
-// applyArguments reads the queue arguments the broker understands:
-// x-max-length and x-overflow.
+// addBinding adds bd within the broker's binding limit.
+func (b *Broker) addBinding(m method, bd binding) *amqpError {
+	if b.nbindings >= maxBindings {
+		return channelError(replyPreconditionFailed, m, "binding limit (%d) is reached", maxBindings)
+	}
+	b.bind(bd)
+	return nil
+}
+
+// queueArguments are the queue arguments the broker implements; any other
+// x- argument that RabbitMQ gives a meaning to is refused (see
+// applyArguments), never accepted and ignored.
+var queueArguments = []string{"x-max-length", "x-max-length-bytes", "x-overflow", "x-expires", "x-message-ttl", "x-dead-letter-exchange", "x-dead-letter-routing-key", "x-queue-type"}
+
+// unimplementedQueueArguments are RabbitMQ's queue arguments that the
+// embedded broker does not implement.
+var unimplementedQueueArguments = []string{"x-max-priority", "x-single-active-consumer", "x-max-age", "x-stream-max-segment-size-bytes", "x-initial-cluster-size", "x-delivery-limit", "x-quorum-initial-group-size", "x-dead-letter-strategy", "x-queue-leader-locator", "x-queue-master-locator"}
+
+// applyArguments reads the queue arguments, refusing with RabbitMQ's
+// error those it does not implement.
 func (q *queue) applyArguments(args Table, m method) *amqpError {
+	invalid := func(arg string) *amqpError {
+		return channelError(replyPreconditionFailed, m, "invalid arg '%s' for queue '%s' in vhost '/': %v", arg, q.name, args[arg])
+	}
+	for _, arg := range unimplementedQueueArguments {
+		if _, ok := args[arg]; ok {
+			return connectionError(replyNotImplemented, m, "queue argument %s is not implemented by the embedded broker", arg)
+		}
+	}
+	if v, ok := args["x-queue-type"]; ok && v != "classic" {
+		return connectionError(replyNotImplemented, m, "queue type '%v' is not implemented by the embedded broker", v)
+	}
 	if v, ok := args["x-max-length"]; ok {
 		n, ok := asInt(v)
 		if !ok || n < 0 {
-			return channelError(replyPreconditionFailed, m, "invalid arg 'x-max-length' for queue '%s' in vhost '/'", q.name)
+			return invalid("x-max-length")
 		}
 		q.maxLength = min(q.maxLength, n)
+	}
+	if v, ok := args["x-max-length-bytes"]; ok {
+		n, ok := asInt(v)
+		if !ok || n < 0 {
+			return invalid("x-max-length-bytes")
+		}
+		q.maxBytes = min(q.maxBytes, int64(n))
 	}
 	if v, ok := args["x-expires"]; ok {
 		n, ok := asInt(v)
 		if !ok || n <= 0 {
-			return channelError(replyPreconditionFailed, m, "invalid arg 'x-expires' for queue '%s' in vhost '/'", q.name)
+			return invalid("x-expires")
 		}
 		q.expires = time.Duration(n) * time.Millisecond
+	}
+	if v, ok := args["x-message-ttl"]; ok {
+		n, ok := asInt(v)
+		if !ok || n < 0 {
+			return invalid("x-message-ttl")
+		}
+		q.messageTTL, q.hasTTL = time.Duration(n)*time.Millisecond, true
 	}
 	if v, ok := args["x-overflow"]; ok {
 		switch v {
@@ -361,10 +511,60 @@ func (q *queue) applyArguments(args Table, m method) *amqpError {
 		case "reject-publish":
 			q.rejectNew = true
 		default:
-			return channelError(replyPreconditionFailed, m, "invalid arg 'x-overflow' for queue '%s' in vhost '/'", q.name)
+			return invalid("x-overflow")
+		}
+	}
+	if v, ok := args["x-dead-letter-exchange"]; ok {
+		name, ok := v.(string)
+		if !ok {
+			return invalid("x-dead-letter-exchange")
+		}
+		q.deadLetter = &deadLetter{exchange: name}
+	}
+	if v, ok := args["x-dead-letter-routing-key"]; ok {
+		key, ok := v.(string)
+		if !ok || q.deadLetter == nil {
+			return invalid("x-dead-letter-routing-key")
+		}
+		q.deadLetter.routingKey, q.deadLetter.hasKey = key, true
+	}
+	q.args = Table{}
+	for _, arg := range queueArguments {
+		if v, ok := args[arg]; ok {
+			q.args[arg] = v
 		}
 	}
 	return nil
+}
+
+// equivalent checks a redeclaration's arguments against q's, as RabbitMQ
+// does: a difference in any argument it implements closes the channel
+// with 406.
+func (q *queue) equivalent(args Table, m method) *amqpError {
+	for _, arg := range queueArguments {
+		have, had := q.args[arg]
+		got, gets := args[arg]
+		if had != gets || fmt.Sprint(normalize(have)) != fmt.Sprint(normalize(got)) {
+			return channelError(replyPreconditionFailed, m, "inequivalent arg '%s' for queue '%s' in vhost '/': received %s but current is %s", arg, q.name, describeArg(got, gets), describeArg(have, had))
+		}
+	}
+	return nil
+}
+
+// normalize makes integers of every width compare equal.
+func normalize(v any) any {
+	if n, ok := asInt(v); ok {
+		return int64(n)
+	}
+	return v
+}
+
+// describeArg says what an argument was, as RabbitMQ's errors do.
+func describeArg(v any, present bool) string {
+	if !present {
+		return "none"
+	}
+	return fmt.Sprintf("the value '%v'", v)
 }
 
 // asInt converts an integer table value to int.
@@ -404,23 +604,35 @@ func (ch *brokerChannel) findQueue(m method, name string) (*queue, *amqpError) {
 	return q, nil
 }
 
+// findExchange returns the exchange called name, for a binding: never the
+// default exchange.
+func (ch *brokerChannel) findExchange(m method, name string) (*exchange, *amqpError) {
+	if name == "" {
+		return nil, channelError(replyAccessRefused, m, "operation not permitted on the default exchange")
+	}
+	e, ok := ch.conn.broker.exchanges[name]
+	if !ok {
+		return nil, channelError(replyNotFound, m, "no exchange '%s' in vhost '/'", name)
+	}
+	return e, nil
+}
+
 // queueAndExchange looks up both ends of a binding.
 func (ch *brokerChannel) queueAndExchange(m method, qname, ename string) (*queue, *exchange, *amqpError) {
 	q, err := ch.findQueue(m, qname)
 	if err != nil {
 		return nil, nil, err
 	}
-	if ename == "" {
-		return nil, nil, channelError(replyAccessRefused, m, "operation not permitted on the default exchange")
-	}
-	e, ok := ch.conn.broker.exchanges[ename]
-	if !ok {
-		return nil, nil, channelError(replyNotFound, m, "no exchange '%s' in vhost '/'", ename)
+	e, err := ch.findExchange(m, ename)
+	if err != nil {
+		return nil, nil, err
 	}
 	return q, e, nil
 }
 
-// settle handles basic.ack, basic.nack and basic.reject.
+// settle handles basic.ack, basic.nack and basic.reject. Settled messages
+// leave the broker's memory budget, unless they are requeued; rejected
+// ones go to the queue's dead-letter exchange, if it has one.
 func (ch *brokerChannel) settle(m method, tag uint64, multiple, requeue bool) *amqpError {
 	var done []delivery
 	switch {
@@ -433,28 +645,125 @@ func (ch *brokerChannel) settle(m method, tag uint64, multiple, requeue bool) *a
 			return channelError(replyPreconditionFailed, m, "unknown delivery tag %d", tag)
 		}
 		done = slices.Clone(ch.unacked[:i])
-		ch.unacked = slices.Delete(ch.unacked, 0, i)
+		ch.unacked = ch.unacked[i:]
 	default:
-		i := slices.IndexFunc(ch.unacked, func(d delivery) bool { return d.tag == tag })
-		if i < 0 {
+		// Tags are in increasing order: a binary search finds one, and
+		// settling the oldest, as most clients do, costs nothing more.
+		i, found := slices.BinarySearchFunc(ch.unacked, tag, func(d delivery, t uint64) int { return cmp.Compare(d.tag, t) })
+		if !found {
 			return channelError(replyPreconditionFailed, m, "unknown delivery tag %d", tag)
 		}
 		done = []delivery{ch.unacked[i]}
-		ch.unacked = slices.Delete(ch.unacked, i, i+1)
+		if i == 0 {
+			ch.unacked = ch.unacked[1:]
+		} else {
+			ch.unacked = slices.Delete(ch.unacked, i, i+1)
+		}
 	}
+	if len(ch.unacked) == 0 {
+		ch.unacked = nil // let the old backing array go
+	}
+	b := ch.conn.broker
 	if requeue {
 		ch.requeue(done)
+	} else {
+		now := time.Now()
+		for _, d := range done {
+			if d.consumer != nil {
+				d.consumer.unacked--
+			}
+			b.held -= d.msg.size()
+			if m != basicAck {
+				b.deadLetter(d.queue, ready{msg: d.msg, deaths: d.deaths}, "rejected", now)
+			}
+		}
 	}
 	ch.redispatch() // the channel has room for more
 	return nil
 }
 
-// handleContent handles the header and body frames of a publish.
+// deadLetter publishes r, which left q for reason ("rejected", "expired"
+// or "maxlen"), to q's dead-letter exchange with an x-death header, as
+// RabbitMQ does. It does nothing for a queue without one, or past a bound
+// on how often a message may be dead-lettered, so that a cycle of
+// dead-letter exchanges ends.
+func (b *Broker) deadLetter(q *queue, r ready, reason string, now time.Time) {
+	const maxDeaths = 16
+	if q.deadLetter == nil || r.deaths >= maxDeaths || b.deadLettering >= maxDeaths {
+		return
+	}
+	e, ok := b.exchanges[q.deadLetter.exchange]
+	if !ok {
+		return
+	}
+	props, err := decodeProperties(r.msg.props)
+	if err != nil {
+		return
+	}
+	props.headers = addDeath(props.headers, q, r.msg, reason, now)
+	if props.raw[propExpiration] != nil { // the TTL that expired it does not follow it, as in RabbitMQ
+		props.flags &^= 1 << (15 - propExpiration)
+		props.raw[propExpiration] = nil
+	}
+	msg := &message{exchange: e.name, routingKey: r.msg.routingKey, props: props.encode(), body: r.msg.body}
+	if q.deadLetter.hasKey {
+		msg.routingKey = q.deadLetter.routingKey
+	}
+	b.deadLettering++
+	defer func() { b.deadLettering-- }()
+	b.gen++
+	for _, dq := range b.route(e, msg.routingKey, b.gen) {
+		if b.enqueue(dq, msg, now) {
+			dq.messages[len(dq.messages)-1].deaths = r.deaths + 1
+		}
+		b.dispatch(dq)
+	}
+}
+
+// addDeath returns headers with an x-death entry for this death: the
+// entry for the same queue and reason counts up and moves first.
+func addDeath(headers Table, q *queue, msg *message, reason string, now time.Time) Table {
+	out := Table{}
+	for k, v := range headers {
+		out[k] = v
+	}
+	deaths, _ := out["x-death"].([]any)
+	var count int64 = 1
+	kept := make([]any, 0, len(deaths)+1)
+	for _, d := range deaths {
+		t, ok := d.(Table)
+		if ok && t["queue"] == q.name && t["reason"] == reason {
+			if n, ok := asInt(t["count"]); ok {
+				count = int64(n) + 1
+			}
+			continue
+		}
+		kept = append(kept, d)
+	}
+	entry := Table{
+		"count":        count,
+		"reason":       reason,
+		"queue":        q.name,
+		"time":         now.Truncate(time.Second),
+		"exchange":     msg.exchange,
+		"routing-keys": []any{msg.routingKey},
+	}
+	out["x-death"] = append([]any{entry}, kept...)
+	if _, ok := out["x-first-death-reason"]; !ok {
+		out["x-first-death-reason"], out["x-first-death-queue"], out["x-first-death-exchange"] = reason, q.name, msg.exchange
+	}
+	return out
+}
+
+// handleContent handles the header and body frames of a publish. Its body
+// is read whole before it is routed; while the broker is over its memory
+// budget, the body is read and dropped and the publish refused.
 func (ch *brokerChannel) handleContent(f frame) *amqpError {
 	in := ch.incoming
 	if in == nil {
 		return connectionError(replyUnexpectedFrame, 0, "content frame without basic.publish on channel %d", ch.id)
 	}
+	b := ch.conn.broker
 	if f.typ == frameHeader {
 		if in.haveHead {
 			return connectionError(replyUnexpectedFrame, basicPublish, "second content header")
@@ -466,38 +775,70 @@ func (ch *brokerChannel) handleContent(f frame) *amqpError {
 		if r.err != nil || class != classBasic {
 			return connectionError(replyFrameError, basicPublish, "malformed content header")
 		}
-		if in.size > uint64(ch.conn.broker.cfg.MaxMessage) {
-			ch.incoming = nil
-			return channelError(replyPreconditionFailed, basicPublish, "message size %d is larger than configured max size %d", in.size, ch.conn.broker.cfg.MaxMessage)
+		if in.size > uint64(b.cfg.MaxMessage) {
+			ch.dropIncoming()
+			return channelError(replyPreconditionFailed, basicPublish, "message size %d is larger than configured max size %d", in.size, b.cfg.MaxMessage)
+		}
+		props, err := decodeProperties(r.b)
+		if err != nil {
+			return connectionError(replyFrameError, basicPublish, "malformed content header: %v", err)
+		}
+		if exp := props.raw[propExpiration]; exp != nil {
+			ms, err := strconv.ParseUint(props.shortstr(propExpiration), 10, 32)
+			if err != nil {
+				ch.dropIncoming()
+				return channelError(replyPreconditionFailed, basicPublish, "invalid expiration '%s': %v", props.shortstr(propExpiration), err)
+			}
+			in.msg.expires = time.Now().Add(time.Duration(ms) * time.Millisecond)
 		}
 		in.msg.props = slices.Clone(r.b)
 		in.haveHead = true
-		// Grow the body as it arrives rather than trusting the header.
-		in.msg.body = make([]byte, 0, min(in.size, 64<<10))
+		in.refused = b.overBudget()
+		if !in.refused {
+			// Grow the body as it arrives rather than trusting the header.
+			in.msg.body = make([]byte, 0, min(in.size, 64<<10))
+		}
 	} else {
 		if !in.haveHead {
 			return connectionError(replyUnexpectedFrame, basicPublish, "body frame before content header")
 		}
-		if uint64(len(in.msg.body)+len(f.payload)) > in.size {
+		if in.received+uint64(len(f.payload)) > in.size {
 			return connectionError(replyFrameError, basicPublish, "body larger than its header said")
 		}
-		in.msg.body = append(in.msg.body, f.payload...)
+		in.received += uint64(len(f.payload))
+		if !in.refused && b.overBudget() {
+			// The budget ran out while this body arrived: drop what was kept.
+			b.held -= int64(len(in.msg.body))
+			in.msg.body, in.refused = nil, true
+		}
+		if !in.refused {
+			in.msg.body = append(in.msg.body, f.payload...)
+			b.held += int64(len(f.payload))
+		}
 	}
-	if uint64(len(in.msg.body)) == in.size {
+	if in.received == in.size {
 		ch.incoming = nil
+		ch.conn.partial--
+		if ch.tx && !in.refused {
+			ch.txPublish = append(ch.txPublish, in) // its bytes stay counted until commit or rollback
+			return nil
+		}
+		b.held -= int64(len(in.msg.body)) // publish counts it again where it lands
 		ch.publish(in)
 	}
 	return nil
 }
 
 // publish routes a complete message, returns it if it is mandatory and
-// reached no queue, and confirms it in confirm mode.
+// reached no queue, and confirms it in confirm mode: a nack when a queue
+// refused it or the broker was over its memory budget.
 func (ch *brokerChannel) publish(in *incoming) {
 	b := ch.conn.broker
 	msg := &in.msg
-	accepted := true
-	if e, ok := b.exchanges[msg.exchange]; ok {
-		qs := b.route(e, msg.routingKey)
+	accepted := !in.refused
+	if e, ok := b.exchanges[msg.exchange]; ok && accepted {
+		b.gen++
+		qs := b.route(e, msg.routingKey, b.gen)
 		if len(qs) == 0 && in.mandatory {
 			buf := appendMethod(nil, ch.id, basicReturn, func(w *wireWriter) {
 				w.short(replyNoRoute)
@@ -507,11 +848,12 @@ func (ch *brokerChannel) publish(in *incoming) {
 			})
 			ch.conn.send(appendContent(buf, ch.id, msg, ch.conn.frameMax))
 		}
+		now := time.Now()
 		for _, q := range qs {
-			if !q.enqueue(msg) {
+			if !b.enqueue(q, msg, now) {
 				accepted = false
 			}
-			q.dispatch()
+			b.dispatch(q)
 		}
 	}
 	if ch.confirm {

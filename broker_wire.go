@@ -55,54 +55,66 @@ func (m method) id() uint16    { return uint16(m) }
 
 // The methods the broker sends or answers.
 const (
-	connectionStart   method = 10<<16 | 10
-	connectionStartOk method = 10<<16 | 11
-	connectionTune    method = 10<<16 | 30
-	connectionTuneOk  method = 10<<16 | 31
-	connectionOpen    method = 10<<16 | 40
-	connectionOpenOk  method = 10<<16 | 41
-	connectionClose   method = 10<<16 | 50
-	connectionCloseOk method = 10<<16 | 51
-	channelOpen       method = 20<<16 | 10
-	channelOpenOk     method = 20<<16 | 11
-	channelFlow       method = 20<<16 | 20
-	channelFlowOk     method = 20<<16 | 21
-	channelClose      method = 20<<16 | 40
-	channelCloseOk    method = 20<<16 | 41
-	exchangeDeclare   method = 40<<16 | 10
-	exchangeDeclareOk method = 40<<16 | 11
-	exchangeDelete    method = 40<<16 | 20
-	exchangeDeleteOk  method = 40<<16 | 21
-	queueDeclare      method = 50<<16 | 10
-	queueDeclareOk    method = 50<<16 | 11
-	queueBind         method = 50<<16 | 20
-	queueBindOk       method = 50<<16 | 21
-	queuePurge        method = 50<<16 | 30
-	queuePurgeOk      method = 50<<16 | 31
-	queueDelete       method = 50<<16 | 40
-	queueDeleteOk     method = 50<<16 | 41
-	queueUnbind       method = 50<<16 | 50
-	queueUnbindOk     method = 50<<16 | 51
-	basicQos          method = 60<<16 | 10
-	basicQosOk        method = 60<<16 | 11
-	basicConsume      method = 60<<16 | 20
-	basicConsumeOk    method = 60<<16 | 21
-	basicCancel       method = 60<<16 | 30
-	basicCancelOk     method = 60<<16 | 31
-	basicPublish      method = 60<<16 | 40
-	basicReturn       method = 60<<16 | 50
-	basicDeliver      method = 60<<16 | 60
-	basicGet          method = 60<<16 | 70
-	basicGetOk        method = 60<<16 | 71
-	basicGetEmpty     method = 60<<16 | 72
-	basicAck          method = 60<<16 | 80
-	basicReject       method = 60<<16 | 90
-	basicRecoverAsync method = 60<<16 | 100
-	basicRecover      method = 60<<16 | 110
-	basicRecoverOk    method = 60<<16 | 111
-	basicNack         method = 60<<16 | 120
-	confirmSelect     method = 85<<16 | 10
-	confirmSelectOk   method = 85<<16 | 11
+	connectionStart     method = 10<<16 | 10
+	connectionStartOk   method = 10<<16 | 11
+	connectionTune      method = 10<<16 | 30
+	connectionTuneOk    method = 10<<16 | 31
+	connectionOpen      method = 10<<16 | 40
+	connectionOpenOk    method = 10<<16 | 41
+	connectionClose     method = 10<<16 | 50
+	connectionCloseOk   method = 10<<16 | 51
+	channelOpen         method = 20<<16 | 10
+	channelOpenOk       method = 20<<16 | 11
+	channelFlow         method = 20<<16 | 20
+	channelFlowOk       method = 20<<16 | 21
+	channelClose        method = 20<<16 | 40
+	channelCloseOk      method = 20<<16 | 41
+	exchangeDeclare     method = 40<<16 | 10
+	exchangeDeclareOk   method = 40<<16 | 11
+	exchangeDelete      method = 40<<16 | 20
+	exchangeDeleteOk    method = 40<<16 | 21
+	exchangeBind        method = 40<<16 | 30
+	exchangeBindOk      method = 40<<16 | 31
+	exchangeUnbind      method = 40<<16 | 40
+	exchangeUnbindOk    method = 40<<16 | 51
+	queueDeclare        method = 50<<16 | 10
+	queueDeclareOk      method = 50<<16 | 11
+	queueBind           method = 50<<16 | 20
+	queueBindOk         method = 50<<16 | 21
+	queuePurge          method = 50<<16 | 30
+	queuePurgeOk        method = 50<<16 | 31
+	queueDelete         method = 50<<16 | 40
+	queueDeleteOk       method = 50<<16 | 41
+	queueUnbind         method = 50<<16 | 50
+	queueUnbindOk       method = 50<<16 | 51
+	basicQos            method = 60<<16 | 10
+	basicQosOk          method = 60<<16 | 11
+	basicConsume        method = 60<<16 | 20
+	basicConsumeOk      method = 60<<16 | 21
+	basicCancel         method = 60<<16 | 30
+	basicCancelOk       method = 60<<16 | 31
+	basicPublish        method = 60<<16 | 40
+	basicReturn         method = 60<<16 | 50
+	basicDeliver        method = 60<<16 | 60
+	basicGet            method = 60<<16 | 70
+	basicGetOk          method = 60<<16 | 71
+	basicGetEmpty       method = 60<<16 | 72
+	basicAck            method = 60<<16 | 80
+	basicReject         method = 60<<16 | 90
+	basicRecoverAsync   method = 60<<16 | 100
+	basicRecover        method = 60<<16 | 110
+	basicRecoverOk      method = 60<<16 | 111
+	basicNack           method = 60<<16 | 120
+	confirmSelect       method = 85<<16 | 10
+	confirmSelectOk     method = 85<<16 | 11
+	txSelect            method = 90<<16 | 10
+	txSelectOk          method = 90<<16 | 11
+	txCommit            method = 90<<16 | 20
+	txCommitOk          method = 90<<16 | 21
+	txRollback          method = 90<<16 | 30
+	txRollbackOk        method = 90<<16 | 31
+	connectionBlocked   method = 10<<16 | 60
+	connectionUnblocked method = 10<<16 | 61
 )
 
 // classBasic is the class of content-carrying methods and headers.
@@ -312,29 +324,168 @@ func (w *wireWriter) table(t Table) {
 	sub := &wireWriter{}
 	for _, k := range slices.Sorted(maps.Keys(t)) {
 		sub.shortstr(k)
-		switch v := t[k].(type) {
-		case string:
-			sub.octet('S')
-			sub.longstr([]byte(v))
-		case bool:
-			sub.octet('t')
-			if v {
-				sub.octet(1)
-			} else {
-				sub.octet(0)
-			}
-		case int:
-			sub.octet('l')
-			sub.longlong(uint64(v))
-		case Table:
-			sub.octet('F')
-			sub.table(v)
-		default:
-			panic(fmt.Sprintf("broker: cannot encode %T in a table", v))
-		}
+		sub.field(t[k])
 	}
 	w.longstr(sub.b)
 }
+
+// field writes one typed field value: every type that wireReader.field
+// returns, plus int, so that a table read from a client can be written
+// back as it was.
+func (w *wireWriter) field(v any) {
+	switch v := v.(type) {
+	case bool:
+		w.octet('t')
+		if v {
+			w.octet(1)
+		} else {
+			w.octet(0)
+		}
+	case int8:
+		w.octet('b')
+		w.octet(byte(v))
+	case uint8:
+		w.octet('B')
+		w.octet(v)
+	case int16:
+		w.octet('s')
+		w.short(uint16(v))
+	case uint16:
+		w.octet('u')
+		w.short(v)
+	case int32:
+		w.octet('I')
+		w.long(uint32(v))
+	case uint32:
+		w.octet('i')
+		w.long(v)
+	case int64:
+		w.octet('l')
+		w.longlong(uint64(v))
+	case int:
+		w.octet('l')
+		w.longlong(uint64(v))
+	case float32:
+		w.octet('f')
+		w.long(math.Float32bits(v))
+	case float64:
+		w.octet('d')
+		w.longlong(math.Float64bits(v))
+	case [2]any: // decimal, as the reader returns it
+		w.octet('D')
+		w.octet(v[0].(byte))
+		w.long(uint32(v[1].(int32)))
+	case string:
+		w.octet('S')
+		w.longstr([]byte(v))
+	case []byte:
+		w.octet('x')
+		w.longstr(v)
+	case time.Time:
+		w.octet('T')
+		w.longlong(uint64(v.Unix()))
+	case Table:
+		w.octet('F')
+		w.table(v)
+	case []any:
+		w.octet('A')
+		sub := &wireWriter{}
+		for _, e := range v {
+			sub.field(e)
+		}
+		w.longstr(sub.b)
+	case nil:
+		w.octet('V')
+	default:
+		panic(fmt.Sprintf("broker: cannot encode %T in a table", v))
+	}
+}
+
+// Basic content properties, in the order of their flag bits (bit 15
+// first), and the encoding of each.
+var basicProps = [...]struct {
+	name string
+	kind byte // 's' shortstr, 'F' table, 'o' octet, 'l' longlong
+}{
+	{"content-type", 's'}, {"content-encoding", 's'}, {"headers", 'F'},
+	{"delivery-mode", 'o'}, {"priority", 'o'}, {"correlation-id", 's'},
+	{"reply-to", 's'}, {"expiration", 's'}, {"message-id", 's'},
+	{"timestamp", 'l'}, {"type", 's'}, {"user-id", 's'}, {"app-id", 's'},
+	{"cluster-id", 's'},
+}
+
+// properties is a content header's property list, decoded only as far as
+// the broker needs: the expiration (per-message TTL) and the headers
+// (x-death). Everything else is kept as the raw bytes of each property.
+type properties struct {
+	flags   uint16
+	raw     [len(basicProps)][]byte // each present property's encoding
+	headers Table
+}
+
+// decodeProperties parses a content header's property flags and list.
+func decodeProperties(b []byte) (properties, error) {
+	var p properties
+	r := &wireReader{b: b}
+	p.flags = r.short()
+	for i, prop := range basicProps {
+		if p.flags&(1<<(15-i)) == 0 {
+			continue
+		}
+		start := r.b
+		switch prop.kind {
+		case 's':
+			r.shortstr()
+		case 'F':
+			p.headers = r.table()
+		case 'o':
+			r.octet()
+		case 'l':
+			r.longlong()
+		}
+		if r.err != nil {
+			return p, fmt.Errorf("property %s: %w", prop.name, r.err)
+		}
+		p.raw[i] = start[:len(start)-len(r.b)]
+	}
+	if p.flags&1 != 0 {
+		return p, errors.New("property flags continue past one word")
+	}
+	return p, r.err
+}
+
+// shortstr returns the string property at index i, or "".
+func (p *properties) shortstr(i int) string {
+	if p.raw[i] == nil {
+		return ""
+	}
+	return string(p.raw[i][1:])
+}
+
+// encode returns the property flags and list, with p.headers in place of
+// the headers that were read.
+func (p *properties) encode() []byte {
+	w := &wireWriter{}
+	flags := p.flags
+	if p.headers != nil {
+		flags |= 1 << (15 - 2)
+	}
+	w.short(flags)
+	for i := range basicProps {
+		switch {
+		case i == 2 && p.headers != nil:
+			w.table(p.headers)
+		case flags&(1<<(15-i)) != 0:
+			w.b = append(w.b, p.raw[i]...)
+		}
+	}
+	return w.b
+}
+
+// Indexes into basicProps.
+const (
+	propExpiration = 7
+)
 
 // appendFrame appends one frame to buf.
 func appendFrame(buf []byte, typ byte, channel uint16, payload []byte) []byte {
