@@ -23,7 +23,7 @@ import (
 // The bus channels between the AMQP plugin and the WebSocket side.
 const (
 	ChannelAMQP2WS = "amqp2ws" // args: body []byte, a message from the broker for every browser
-	ChannelWS2AMQP = "ws2amqp" // args: body []byte, a message from one browser for the broker
+	ChannelWS2AMQP = "ws2amqp" // args: body []byte, a message from one browser for the broker; cancel <-chan struct{}, closed when the browser is gone
 )
 
 // Bus priorities of the AMQP plugin. The broker link comes up before the
@@ -42,6 +42,10 @@ var ErrOutboxFull = errors.New("amqp: outbox full")
 // plugin has begun to stop.
 var ErrStopped = errors.New("amqp: stopped")
 
+// ErrGaveUp is the answer to a browser message that waited for room in the
+// outbox until its browser left.
+var ErrGaveUp = errors.New("amqp: the browser left while its message waited for the outbox")
+
 // AMQPConfig says where and how the AMQP plugin talks to its broker.
 type AMQPConfig struct {
 	URL      string // amqp://user:password@host:port/vhost
@@ -52,7 +56,8 @@ type AMQPConfig struct {
 	Dial func(network, addr string) (net.Conn, error)
 
 	Prefetch     int           // deliveries in flight from the broker to this process
-	Outbox       int           // browser messages held while the broker is away
+	Outbox       int           // browser messages held for the broker
+	OutboxBytes  int64         // browser message bytes held for the broker
 	QueueExpires time.Duration // how long this process's queue outlives a lost connection
 	QueueLength  int           // messages this process's queue holds while it is away
 	MaxBackoff   time.Duration // longest wait between two reconnection attempts
@@ -75,26 +80,29 @@ type AMQPPlugin struct {
 	queue string // this process's queue, the same across reconnections
 
 	// outbox is buffered to cfg.Outbox: browser messages wait there for
-	// the publisher, and a full outbox refuses the next one.
+	// the publisher. When it is full, in messages or in bytes, a sender
+	// waits while the broker is up, and is refused while it is away.
 	outbox chan outgoing
 	up     atomic.Bool   // a session is connected and consuming
 	seq    atomic.Uint64 // message id counter
 
 	// mu guards the fields below it.
-	mu        sync.Mutex
-	stopped   bool          // ws2amqp refuses new messages
-	stopping  chan struct{} // closed by Stop: drain the outbox and leave
-	done      chan struct{} // closed when the supervising goroutine returns
-	drain     context.Context
-	drainStop context.CancelFunc
+	mu          sync.Mutex
+	outboxBytes int64         // bytes of the messages in outbox
+	room        chan struct{} // closed and replaced when the outbox has room again or the link changes
+	stopped     bool          // ws2amqp refuses new messages
+	stopping    chan struct{} // closed by Stop: drain the outbox and leave
+	done        chan struct{} // closed when the supervising goroutine returns
+	drain       context.Context
+	drainStop   context.CancelFunc
 
 	// retry holds taken but unconfirmed messages, to publish first on the
 	// next session. Only the supervising goroutine touches it.
 	retry []outgoing
 
-	// recent drops redeliveries of messages already handed to the bus.
+	// seen drops redeliveries of messages already handed to the bus.
 	// Only the consuming goroutine touches it.
-	recent *recentIDs
+	seen *dedupe
 }
 
 // outgoing is a browser message on its way to the exchange. Its id is
@@ -114,7 +122,8 @@ func NewAMQPPlugin(b *Bus, cfg AMQPConfig) *AMQPPlugin {
 		id:     id,
 		queue:  "wsamqp-" + id,
 		outbox: make(chan outgoing, cfg.Outbox),
-		recent: newRecentIDs(recentWindow),
+		room:   make(chan struct{}),
+		seen:   newDedupe(),
 	}
 }
 
@@ -123,7 +132,11 @@ func (p *AMQPPlugin) Subscribe() {
 	p.bus.Subscribe(ChannelStart, "amqp", PriorityAMQPStart, func(...any) (any, error) { return nil, p.Start() })
 	p.bus.Subscribe(ChannelStop, "amqp", PriorityAMQPStop, func(...any) (any, error) { return nil, p.Stop() })
 	p.bus.Subscribe(ChannelWS2AMQP, "amqp", DefaultPriority, func(args ...any) (any, error) {
-		return nil, p.ws2amqp(args[0].([]byte))
+		var cancel <-chan struct{}
+		if len(args) > 1 {
+			cancel, _ = args[1].(<-chan struct{})
+		}
+		return nil, p.ws2amqp(args[0].([]byte), cancel)
 	})
 }
 
@@ -168,66 +181,90 @@ func (p *AMQPPlugin) Stop() error {
 
 	if lost := len(p.retry) + len(p.outbox); lost > 0 {
 		p.retry = nil
+		var dropped []outgoing
 		for len(p.outbox) > 0 {
-			<-p.outbox
+			dropped = append(dropped, <-p.outbox)
 		}
+		p.took(dropped)
 		return fmt.Errorf("amqp: %d browser messages not confirmed by the broker before the drain timeout", lost)
 	}
 	return nil
 }
 
 // ws2amqp queues a browser message for the exchange; it runs on the
-// browser's reader goroutine and never blocks.
-func (p *AMQPPlugin) ws2amqp(body []byte) error {
+// browser's reader goroutine. While the outbox is full and the broker is
+// up, it waits for room, so that a browser sending faster than the broker
+// takes is slowed down (its reader stops reading) rather than anyone
+// being cut off; while the broker is away it refuses at once with
+// ErrOutboxFull. cancel (nil for none) ends the wait with ErrGaveUp.
+func (p *AMQPPlugin) ws2amqp(body []byte, cancel <-chan struct{}) error {
+	size := int64(len(body))
 	p.mu.Lock()
+	for {
+		if p.stopped {
+			p.mu.Unlock()
+			return ErrStopped
+		}
+		if len(p.outbox) < cap(p.outbox) && p.outboxBytes+size <= p.cfg.OutboxBytes {
+			break
+		}
+		if !p.up.Load() {
+			p.mu.Unlock()
+			return ErrOutboxFull
+		}
+		room, stopping := p.room, p.stopping
+		p.mu.Unlock()
+		select {
+		case <-room:
+		case <-stopping:
+		case <-cancel:
+			return ErrGaveUp
+		}
+		p.mu.Lock()
+	}
 	defer p.mu.Unlock()
-	if p.stopped {
-		return ErrStopped
+	p.outboxBytes += size
+	p.outbox <- outgoing{id: p.id + "-" + strconv.FormatUint(p.seq.Add(1), 36), body: body} // never blocks: there is room, under p.mu
+	return nil
+}
+
+// took notes that the publisher took msgs from the outbox, and wakes the
+// senders waiting for room.
+func (p *AMQPPlugin) took(msgs []outgoing) {
+	var size int64
+	for _, m := range msgs {
+		size += int64(len(m.body))
 	}
-	msg := outgoing{id: p.id + "-" + strconv.FormatUint(p.seq.Add(1), 36), body: body}
-	select {
-	case p.outbox <- msg:
-		return nil
-	default:
-		return ErrOutboxFull
-	}
+	p.mu.Lock()
+	p.outboxBytes -= size
+	p.wakeSenders()
+	p.mu.Unlock()
+}
+
+// wakeSenders wakes the senders waiting for room, to look again. p.mu is
+// held.
+func (p *AMQPPlugin) wakeSenders() {
+	close(p.room)
+	p.room = make(chan struct{})
+}
+
+// setUp records whether the link is up; senders waiting for room look
+// again, since while the broker is away they are refused.
+func (p *AMQPPlugin) setUp(up bool) {
+	p.up.Store(up)
+	p.mu.Lock()
+	p.wakeSenders()
+	p.mu.Unlock()
 }
 
 // amqp2ws hands a broker message to the bus for every browser, unless it
 // is a redelivery of one already handed over; it runs on the consuming
 // goroutine.
 func (p *AMQPPlugin) amqp2ws(d amqp.Delivery) {
-	if d.AppId != "wsamqp" || d.MessageId == "" || !p.recent.seen(d.MessageId) {
-		p.bus.Publish(ChannelAMQP2WS, d.Body)
+	if d.AppId == "wsamqp" && p.seen.duplicate(d.MessageId, d.Body) {
+		return
 	}
-}
-
-// recentWindow is how many message ids a plugin remembers to drop
-// duplicates: far more than can be in flight across one reconnection
-// (prefetch plus one publish batch per process).
-const recentWindow = 8192
-
-// recentIDs remembers the last n message ids it was shown.
-type recentIDs struct {
-	ring []string
-	next int
-	set  map[string]struct{}
-}
-
-func newRecentIDs(n int) *recentIDs {
-	return &recentIDs{ring: make([]string, n), set: make(map[string]struct{}, n)}
-}
-
-// seen reports whether id is among the remembered ones, and remembers it.
-func (r *recentIDs) seen(id string) bool {
-	if _, ok := r.set[id]; ok {
-		return true
-	}
-	delete(r.set, r.ring[r.next])
-	r.ring[r.next] = id
-	r.set[id] = struct{}{}
-	r.next = (r.next + 1) % len(r.ring)
-	return false
+	p.bus.Publish(ChannelAMQP2WS, d.Body)
 }
 
 // session is one connection to the broker with its two AMQP channels: one
@@ -235,6 +272,7 @@ func (r *recentIDs) seen(id string) bool {
 // never holds up deliveries.
 type session struct {
 	conn       *amqp.Connection
+	raw        net.Conn // conn's network connection, to cut when a drain runs out of time
 	consumer   *amqp.Channel
 	publisher  *amqp.Channel
 	queue      string
@@ -254,16 +292,23 @@ func (p *AMQPPlugin) dial() (*session, error) {
 	if cfg.Dial == nil {
 		cfg.Dial = amqp.DefaultDial(5 * time.Second)
 	}
+	var raw net.Conn
+	dial := cfg.Dial
+	cfg.Dial = func(network, addr string) (net.Conn, error) {
+		c, err := dial(network, addr)
+		raw = c
+		return c, err
+	}
 	conn, err := amqp.DialConfig(p.cfg.URL, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("amqp dial %s: %w", RedactURL(p.cfg.URL), err)
 	}
-	s := &session{conn: conn, queue: p.queue, tag: "wsamqp-" + p.id, consumed: make(chan struct{})}
+	s := &session{conn: conn, raw: raw, queue: p.queue, tag: "wsamqp-" + p.id, consumed: make(chan struct{})}
 	if err := s.declare(p.cfg); err != nil {
 		conn.Close()
 		return nil, err
 	}
-	p.up.Store(true)
+	p.setUp(true)
 	p.bus.Log("amqp connected", slog.LevelInfo, "url", RedactURL(p.cfg.URL), "exchange", p.cfg.Exchange, "queue", s.queue)
 	return s, nil
 }
@@ -315,7 +360,7 @@ func (p *AMQPPlugin) supervise(s *session) {
 	defer close(p.done)
 	for {
 		err := p.serve(s)
-		p.up.Store(false)
+		p.setUp(false)
 		if err == nil {
 			return
 		}
@@ -357,15 +402,45 @@ func (p *AMQPPlugin) serve(s *session) error {
 		// saves a frame per message and never stalls the broker. What is
 		// left unacknowledged when the flow stops is harmless: if the
 		// connection goes, it comes back as redeliveries, which amqp2ws drops.
+		//
+		// When the flow pauses (nothing more is waiting), what was taken is
+		// acknowledged at once: in a quiet room nothing may stay
+		// unacknowledged, or RabbitMQ's consumer_timeout (30 minutes by
+		// default) closes the channel.
 		ackEvery, unacked := max(1, p.cfg.Prefetch/4), 0
-		for d := range s.deliveries {
-			p.amqp2ws(d)
-			if unacked++; unacked == ackEvery {
-				d.Ack(true) // an error means the AMQP channel is gone, and this loop ends next
-				unacked = 0
+		var last amqp.Delivery
+		paused := time.NewTimer(ackPause)
+		paused.Stop()
+		defer paused.Stop()
+		for {
+			select {
+			case d, ok := <-s.deliveries:
+				if !ok {
+					return
+				}
+				p.amqp2ws(d)
+				last = d
+				if unacked++; unacked == 1 {
+					paused.Reset(ackPause)
+				}
+				if unacked < ackEvery {
+					continue
+				}
+			case <-paused.C:
+				if unacked == 0 {
+					continue
+				}
 			}
+			last.Ack(true) // an error means the AMQP channel is gone, and this loop ends next
+			unacked = 0
+			paused.Stop()
 		}
 	}()
+	// At the drain deadline the connection is cut under whatever is
+	// blocked on it: a broker that stops reading (RabbitMQ does, to a
+	// blocked connection) must not hold the shutdown past -drain-timeout.
+	cut := context.AfterFunc(p.drain, func() { s.raw.Close() })
+	defer cut()
 	err := p.publish(s)
 	if err != nil {
 		s.conn.Close()
@@ -388,6 +463,11 @@ func (p *AMQPPlugin) serve(s *session) error {
 	return nil
 }
 
+// ackPause is how long deliveries may wait for their acknowledgement once
+// the flow pauses: long enough that a steady flow is acknowledged in
+// groups, short enough that a quiet room leaves nothing unacknowledged.
+const ackPause = 200 * time.Millisecond
+
 // errConsumerGone says the broker closed the consuming AMQP channel.
 var errConsumerGone = errors.New("amqp: consumer channel closed")
 
@@ -399,6 +479,7 @@ func (p *AMQPPlugin) publish(s *session) error {
 	for {
 		batch := p.retry
 		p.retry = nil
+		retried := len(batch) // the rest comes from the outbox
 		if len(batch) == 0 {
 			select {
 			case msg := <-p.outbox:
@@ -417,6 +498,7 @@ func (p *AMQPPlugin) publish(s *session) error {
 		for len(batch) < maxBatch && len(p.outbox) > 0 {
 			batch = append(batch, <-p.outbox)
 		}
+		p.took(batch[retried:])
 		if err := p.publishBatch(s, batch); err != nil {
 			return err
 		}
@@ -462,11 +544,11 @@ func (p *AMQPPlugin) keepUnconfirmed(batch []outgoing, confirms []*amqp.Deferred
 }
 
 // RedactURL returns u with its password replaced by "xxxxx", so that it
-// can be logged.
+// can be logged. A URL that does not parse is never shown.
 func RedactURL(u string) string {
 	parsed, err := url.Parse(u)
 	if err != nil {
-		return "(unparsable AMQP URL)"
+		return "(unparsable AMQP URL, not shown)"
 	}
 	return parsed.Redacted()
 }

@@ -27,6 +27,7 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"golang.org/x/term"
 )
 
@@ -115,7 +116,9 @@ type Bus struct {
 	listeners map[string][]listener
 	seq       uint64
 	exiting   bool          // Exit has begun; later calls return at once
+	exitAsked bool          // Exit was called while STARTING: Start exits once its listeners return
 	exited    chan struct{} // closed once the exit listeners have returned
+	exitErr   error         // what the stop and exit listeners returned
 	restart   bool          // Exit was called by Restart
 }
 
@@ -273,15 +276,25 @@ func (b *Bus) Wait(states ...State) {
 }
 
 // Start moves a STOPPED bus to STARTED through the "start" channel. If a
-// start listener fails, the bus exits and Start returns the failure.
+// start listener fails, the bus exits and Start returns the failure. If
+// Exit was called meanwhile (Ctrl-C while a plugin dials), the bus exits
+// as soon as the start listeners have returned, so that stop listeners
+// never run alongside start listeners.
 func (b *Bus) Start() error {
 	if !b.transition(StateStarting, StateStopped) {
 		return fmt.Errorf("bus: cannot start from %s", b.State())
 	}
 	if _, err := b.Publish(ChannelStart); err != nil {
 		b.Log("shutting down due to error in start listener", slog.LevelError, "err", err)
-		b.Exit()
+		b.exit()
 		return err
+	}
+	b.mu.Lock()
+	asked := b.exitAsked
+	b.mu.Unlock()
+	if asked {
+		b.exit()
+		return nil
 	}
 	if !b.transition(StateStarted, StateStarting) {
 		return fmt.Errorf("bus: %s while starting", b.State())
@@ -291,19 +304,42 @@ func (b *Bus) Start() error {
 
 // Stop moves a STARTING or STARTED bus to STOPPED through the "stop"
 // channel. In any other state it does nothing, so stop listeners run once
-// per Start even when a stop listener calls Exit.
-func (b *Bus) Stop() {
+// per Start even when a stop listener calls Exit. It returns what the stop
+// listeners returned.
+func (b *Bus) Stop() error {
 	if !b.transition(StateStopping, StateStarting, StateStarted) {
-		return
+		return nil
 	}
-	b.Publish(ChannelStop)
+	_, err := b.Publish(ChannelStop)
 	b.transition(StateStopped, StateStopping)
+	return err
 }
 
 // Exit stops the bus, moves it to EXITING and runs the "exit" listeners.
 // Only the first call does anything, so Exit is safe from any goroutine,
-// listeners included; use Block or Wait to learn when exit is done.
+// listeners included; use Block or Wait to learn when exit is done. Called
+// while the bus is STARTING, it leaves the exit to Start, once the start
+// listeners have returned.
 func (b *Bus) Exit() {
+	b.mu.Lock()
+	if b.exiting || b.exitAsked {
+		b.mu.Unlock()
+		return
+	}
+	if b.state == StateStarting {
+		b.exitAsked = true
+		b.mu.Unlock()
+		b.Log("bus exit requested while STARTING; exiting once the start listeners return", slog.LevelInfo)
+		return
+	}
+	b.mu.Unlock()
+	b.exit()
+}
+
+// exit is Exit's work: stop, EXITING, the exit listeners. It keeps what
+// the stop and exit listeners returned for Block, as CherryPy's bus makes
+// the process's exit status say that an exit listener failed.
+func (b *Bus) exit() {
 	b.mu.Lock()
 	if b.exiting {
 		b.mu.Unlock()
@@ -312,9 +348,12 @@ func (b *Bus) Exit() {
 	b.exiting = true
 	b.mu.Unlock()
 
-	b.Stop()
+	stopErr := b.Stop()
 	b.transition(StateExiting)
-	b.Publish(ChannelExit)
+	_, exitErr := b.Publish(ChannelExit)
+	b.mu.Lock()
+	b.exitErr = errors.Join(stopErr, exitErr)
+	b.mu.Unlock()
 	b.Log("bus EXITED", slog.LevelInfo)
 	close(b.exited)
 }
@@ -334,8 +373,14 @@ func (b *Bus) Restart() {
 	b.Exit()
 }
 
+// ErrExit wraps what stop and exit listeners returned, so that main can
+// say in the exit status that the process did not end cleanly.
+var ErrExit = errors.New("bus: exit listeners failed")
+
 // Block publishes on the "main" channel every interval until the bus has
-// exited, then returns ErrRestart if Restart was the cause, or nil.
+// exited, then returns ErrRestart if Restart was the cause, an error
+// wrapping ErrExit and the failures if a stop or exit listener failed, or
+// nil.
 func (b *Bus) Block(interval time.Duration) error {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
@@ -344,8 +389,11 @@ func (b *Bus) Block(interval time.Duration) error {
 		case <-b.exited:
 			b.mu.Lock()
 			defer b.mu.Unlock()
-			if b.restart {
+			switch {
+			case b.restart:
 				return ErrRestart
+			case b.exitErr != nil:
+				return fmt.Errorf("%w: %w", ErrExit, b.exitErr)
 			}
 			return nil
 		case <-tick.C:
@@ -403,15 +451,30 @@ func NewSignalHandler(b *Bus) *SignalHandler {
 	}
 }
 
-// hangUp restarts a daemonized process and exits one that has a terminal.
+// hangUp restarts a daemonized process and exits any other, as CherryPy
+// does.
 func hangUp(b *Bus) {
-	if term.IsTerminal(int(os.Stdin.Fd())) {
+	if !daemonized() {
 		b.Log("SIGHUP caught but not daemonized; exiting", slog.LevelInfo)
 		b.Exit()
 		return
 	}
 	b.Log("SIGHUP caught while daemonized; restarting", slog.LevelInfo)
 	b.Restart()
+}
+
+// daemonized is CherryPy's test as far as Go allows. CherryPy calls a
+// process daemonized when its pid changed since start-up (it forked into
+// the background) and stdin is not a terminal. A Go process never forks
+// itself; what a daemon does that a foreground program does not is lead a
+// session of its own (setsid(2), as systemd, setsid(1) and container
+// runtimes start it), so here daemonized means that, with no terminal on
+// stdin. A program run from a shell, under nohup or &, or by CI is not
+// one: it exits on SIGHUP rather than restart itself and drop its
+// browsers.
+func daemonized() bool {
+	sid, err := unix.Getsid(0)
+	return err == nil && sid == os.Getpid() && !term.IsTerminal(int(os.Stdin.Fd()))
 }
 
 // Subscribe starts handling the plugin's signals and unsubscribes itself
@@ -426,6 +489,12 @@ func (h *SignalHandler) Subscribe() {
 	// enough because watch hands each signal off at once.
 	h.signals = make(chan os.Signal, 1)
 	for s := range h.handlers {
+		// A signal that was ignored when the process started stays
+		// ignored: nohup ignores SIGHUP so that the program outlives its
+		// terminal, and must not then exit or restart on it.
+		if signal.Ignored(s) {
+			continue
+		}
 		signal.Notify(h.signals, s)
 	}
 	h.stop, h.done = make(chan struct{}), make(chan struct{})

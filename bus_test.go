@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"os/signal"
 	"slices"
 	"strings"
 	"sync"
@@ -57,6 +58,7 @@ func TestBusStates(t *testing.T) {
 	started := []string{"bus STARTING", "<start>", "bus STARTED"}
 	stopped := []string{"bus STOPPING", "<stop>", "bus STOPPED"}
 	exited := []string{"bus EXITING", "<exit>", "bus EXITED"}
+	exitAsked := "bus exit requested while STARTING; exiting once the start listeners return"
 	cat := func(parts ...[]string) []string { return slices.Concat(parts...) }
 
 	tests := []struct {
@@ -119,14 +121,32 @@ func TestBusStates(t *testing.T) {
 		state:   StateExiting,
 		wantErr: true,
 	}, {
+		// Exit while STARTING (Ctrl-C while a plugin dials) waits for the
+		// start listeners: stop listeners never run alongside them.
 		name: "exit from inside a start listener",
 		setup: func(b *Bus) {
 			b.Subscribe(ChannelStart, "exiter", DefaultPriority+1, func(...any) (any, error) { b.Exit(); return nil, nil })
 		},
-		run:     (*Bus).Start,
-		want:    cat([]string{"bus STARTING", "<start>"}, stopped, exited),
-		state:   StateExiting,
-		wantErr: true,
+		run:   (*Bus).Start,
+		want:  cat([]string{"bus STARTING", "<start>", exitAsked}, stopped, exited),
+		state: StateExiting,
+	}, {
+		name: "exit from another goroutine while starting",
+		setup: func(b *Bus) {
+			b.Subscribe(ChannelStart, "exiter", DefaultPriority+1, func(...any) (any, error) {
+				asked := make(chan struct{})
+				go func() {
+					b.Exit()
+					close(asked)
+				}()
+				<-asked
+				b.Log("<start listener returns>", slog.LevelInfo)
+				return nil, nil
+			})
+		},
+		run:   (*Bus).Start,
+		want:  cat([]string{"bus STARTING", "<start>", exitAsked, "<start listener returns>"}, stopped, exited),
+		state: StateExiting,
 	}, {
 		name: "exit from inside a stop listener",
 		setup: func(b *Bus) {
@@ -173,6 +193,21 @@ func TestBusStates(t *testing.T) {
 				t.Errorf("state = %s, want %s", got, tt.state)
 			}
 		})
+	}
+}
+
+// A stop or exit listener that fails makes Block say so, so that the
+// process's exit status can: CherryPy exits with 70 when an exit listener
+// fails.
+func TestBlockReportsFailedExit(t *testing.T) {
+	errLost := errors.New("3 messages not confirmed")
+	b := NewBus(nil)
+	b.Subscribe(ChannelStop, "drain", DefaultPriority, func(...any) (any, error) { return nil, errLost })
+	must(t, b.Start())
+	go b.Exit()
+	err := b.Block(time.Millisecond)
+	if !errors.Is(err, ErrExit) || !errors.Is(err, errLost) {
+		t.Fatalf("Block = %v, want ErrExit wrapping the stop listener's error", err)
 	}
 }
 
@@ -357,6 +392,14 @@ func TestSignalHelper(t *testing.T) {
 		t.Skip("helper process for TestSignals")
 	}
 	generation := os.Getenv("WSAMQP_GENERATION")
+	if os.Getenv("WSAMQP_SIGNAL_HELPER") == "nohup" {
+		// As nohup(1) does before it starts the program. The helper
+		// re-runs itself so that the ignore is in place at its start.
+		if !signal.Ignored(syscall.SIGHUP) {
+			signal.Ignore(syscall.SIGHUP)
+			fmt.Println(Reexec())
+		}
+	}
 	b := NewBus(nil)
 	b.Subscribe(ChannelLog, "stdout", DefaultPriority, func(args ...any) (any, error) {
 		msg, _, _ := logArgs(args)
@@ -387,11 +430,13 @@ func TestSignalHelper(t *testing.T) {
 // startSignalHelper runs TestSignalHelper in a child process with env
 // added, and returns it with an expect func that reads the child's output
 // until a line equals want, failing the test if the output ends first.
-// The child's stdin is a pipe, not a terminal, so SIGHUP restarts it.
-func startSignalHelper(t *testing.T, env ...string) (cmd *exec.Cmd, expect func(want string)) {
+// The child's stdin is a pipe, not a terminal; with daemon it also leads
+// a session of its own, as a daemon does, so SIGHUP restarts it.
+func startSignalHelper(t *testing.T, daemon bool, env ...string) (cmd *exec.Cmd, expect func(want string) (read []string)) {
 	t.Helper()
 	cmd = exec.Command(os.Args[0], "-test.run=^TestSignalHelper$")
 	cmd.Env = append(os.Environ(), env...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: daemon}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -405,20 +450,50 @@ func startSignalHelper(t *testing.T, env ...string) (cmd *exec.Cmd, expect func(
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill() })
-	lines := bufio.NewScanner(stdout)
-	return cmd, func(want string) {
+	lines := make(chan string) // closed when the child's output ends
+	go func() {
+		defer close(lines)
+		for sc := bufio.NewScanner(stdout); sc.Scan(); {
+			lines <- sc.Text()
+		}
+	}()
+	return cmd, func(want string) (read []string) {
 		t.Helper()
-		for lines.Scan() {
-			if lines.Text() == want {
-				return
+		deadline := time.NewTimer(waitFor)
+		defer deadline.Stop()
+		for {
+			select {
+			case line, ok := <-lines:
+				if !ok {
+					t.Fatalf("helper ended before printing %q", want)
+				}
+				if read = append(read, line); line == want {
+					return read
+				}
+			case <-deadline.C:
+				t.Fatalf("helper did not print %q within %v; it printed:\n%s", want, waitFor, strings.Join(read, "\n"))
 			}
 		}
-		t.Fatalf("helper ended before printing %q", want)
+	}
+}
+
+// waitHelper waits for the helper process to end, killing it after
+// waitFor, and returns how it ended.
+func waitHelper(t *testing.T, cmd *exec.Cmd) error {
+	t.Helper()
+	ended := make(chan error, 1)
+	go func() { ended <- cmd.Wait() }()
+	select {
+	case err := <-ended:
+		return err
+	case <-time.After(waitFor):
+		cmd.Process.Kill()
+		return fmt.Errorf("still running after %v; killed (%v)", waitFor, <-ended)
 	}
 }
 
 func TestSignals(t *testing.T) {
-	cmd, expect := startSignalHelper(t, "WSAMQP_SIGNAL_HELPER=1", "WSAMQP_GENERATION=I")
+	cmd, expect := startSignalHelper(t, true, "WSAMQP_SIGNAL_HELPER=1", "WSAMQP_GENERATION=I")
 	signal := func(s syscall.Signal) {
 		t.Helper()
 		if err := cmd.Process.Signal(s); err != nil {
@@ -441,28 +516,60 @@ func TestSignals(t *testing.T) {
 	expect("caught signal SIGTERM")
 	expect("bus STOPPED")
 	expect("bus EXITED")
-	if err := cmd.Wait(); err != nil {
+	if err := waitHelper(t, cmd); err != nil {
+		t.Errorf("helper exited with %v, want success", err)
+	}
+}
+
+// A process that is not daemonized (run from a shell, or by CI) exits on
+// SIGHUP rather than restart itself, as in CherryPy.
+func TestSIGHUPExitsWhenNotDaemonized(t *testing.T) {
+	cmd, expect := startSignalHelper(t, false, "WSAMQP_SIGNAL_HELPER=1", "WSAMQP_GENERATION=I")
+	expect("ready in generation I")
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	expect("SIGHUP caught but not daemonized; exiting")
+	expect("bus EXITED")
+	if err := waitHelper(t, cmd); err != nil {
+		t.Errorf("helper exited with %v, want success", err)
+	}
+}
+
+// A SIGHUP ignored when the process started (nohup) stays ignored.
+func TestSIGHUPIgnoredUnderNohup(t *testing.T) {
+	cmd, expect := startSignalHelper(t, true, "WSAMQP_SIGNAL_HELPER=nohup", "WSAMQP_GENERATION=I")
+	expect("ready in generation I")
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	// SIGUSR1 and SIGTERM go through the same handler after SIGHUP, so
+	// by their lines, a handled SIGHUP would have said so first.
+	if err := cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	read := expect("plugin saw SIGUSR1")
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	read = append(read, expect("bus EXITED")...)
+	if slices.Contains(read, "caught signal SIGHUP") {
+		t.Errorf("SIGHUP was handled under nohup:\n%s", strings.Join(read, "\n"))
+	}
+	if err := waitHelper(t, cmd); err != nil {
 		t.Errorf("helper exited with %v, want success", err)
 	}
 }
 
 func TestSignalHandlerUnsubscribeRestoresDefault(t *testing.T) {
-	cmd, expect := startSignalHelper(t, "WSAMQP_SIGNAL_HELPER=unsubscribe")
+	cmd, expect := startSignalHelper(t, false, "WSAMQP_SIGNAL_HELPER=unsubscribe")
 	expect("unsubscribed")
 	// With the plugin gone, SIGTERM does what Go does by default: it
 	// kills the process, instead of an exit on the bus.
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	ended := make(chan error, 1)
-	go func() { ended <- cmd.Wait() }()
-	var err error
-	select {
-	case err = <-ended:
-	case <-time.After(waitFor):
-		cmd.Process.Kill()
-		t.Fatal("helper still running after SIGTERM: the plugin still handles it")
-	}
+	err := waitHelper(t, cmd)
 	var exit *exec.ExitError
 	if !errors.As(err, &exit) || exit.Sys().(syscall.WaitStatus).Signal() != syscall.SIGTERM {
 		t.Fatalf("helper ended with %v, want death by SIGTERM", err)

@@ -76,7 +76,7 @@ func TestConnectionCap(t *testing.T) {
 func TestVanishedBrowserIsDropped(t *testing.T) {
 	broker := testBrokers(t)[0]
 	cfg := testWSConfig()
-	cfg.PongWait = 300 * time.Millisecond
+	cfg.PongWait, cfg.WriteWait = 300*time.Millisecond, 100*time.Millisecond
 	tb := startBridge(t, testAMQPConfig(broker.url, testExchange(t, broker)), cfg)
 	// This client never reads, so it never answers a ping: to the server
 	// it is a browser whose network went away without a close frame.

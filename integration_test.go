@@ -227,30 +227,26 @@ func testExchange(t testing.TB, broker testBroker) string {
 // testWSConfig is the hub configuration of the tests: the defaults of
 // the flags, shortened where a test would otherwise wait on them.
 func testWSConfig() WSConfig {
-	return WSConfig{
-		MaxMessage:   64 << 10,
-		SendQueue:    256,
-		MaxConns:     100,
-		Rate:         50,
-		Burst:        500,
-		WriteWait:    5 * time.Second,
-		PongWait:     30 * time.Second,
-		CloseTimeout: 5 * time.Second,
+	cfg, err := parseFlags(nil, io.Discard)
+	if err != nil {
+		panic(err)
 	}
+	ws := cfg.ws
+	ws.MaxConns = 100
+	ws.WriteWait, ws.PongWait = 5*time.Second, 30*time.Second
+	return ws
 }
 
 // testAMQPConfig is the AMQP configuration of the tests.
 func testAMQPConfig(url, exchange string) AMQPConfig {
-	return AMQPConfig{
-		URL:          url,
-		Exchange:     exchange,
-		Prefetch:     256,
-		Outbox:       4096,
-		QueueExpires: 10 * time.Second,
-		QueueLength:  100_000,
-		MaxBackoff:   200 * time.Millisecond,
-		DrainTimeout: 5 * time.Second,
+	cfg, err := parseFlags(nil, io.Discard)
+	if err != nil {
+		panic(err)
 	}
+	a := cfg.amqp
+	a.URL, a.Exchange = url, exchange
+	a.QueueExpires, a.MaxBackoff, a.DrainTimeout = 10*time.Second, 200*time.Millisecond, 5*time.Second
+	return a
 }
 
 // testBridge is a started bridge behind an httptest server.

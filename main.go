@@ -29,11 +29,16 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
 )
 
 func main() {
@@ -46,14 +51,30 @@ func main() {
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wsamqp:", err)
-		os.Exit(1)
+		os.Exit(exitStatus(err))
 	}
+}
+
+// exitStatus says in a number how the program ended: 2 for a command line
+// it could not use, 70 (EX_SOFTWARE, as CherryPy's bus uses) when it
+// stopped without finishing its work, such as browser messages the broker
+// never confirmed, and 1 for any other failure.
+func exitStatus(err error) int {
+	switch {
+	case errors.Is(err, errUsage):
+		return 2
+	case errors.Is(err, ErrExit):
+		return 70
+	}
+	return 1
 }
 
 // config is everything the flags say.
 type config struct {
 	addr              string
+	hosts             []string // host names the server answers to besides loopback ones; "*" for any
 	readHeaderTimeout time.Duration
+	maxHeaderBytes    int
 	shutdownTimeout   time.Duration
 	logLevel          slog.Level
 	amqp              AMQPConfig
@@ -62,31 +83,48 @@ type config struct {
 	brokerListen      string
 }
 
-// parseFlags reads the command line; AMQP_URL stands in for -amqp.
+// errUsage marks a command line the program cannot use; main exits with 2.
+var errUsage = errors.New("usage")
+
+// usageError names the flag at fault.
+func usageError(flagName, format string, args ...any) error {
+	return fmt.Errorf("%w: -%s: %s", errUsage, flagName, fmt.Sprintf(format, args...))
+}
+
+// parseFlags reads the command line; AMQP_URL stands in for -amqp and
+// WSAMQP_BROKER_PASSWORD for -broker-password. Every limit is checked
+// against its range here, so that a bad value stops the program at once
+// with a message naming the flag.
 func parseFlags(args []string, output io.Writer) (config, error) {
 	var cfg config
 	fs := flag.NewFlagSet("wsamqp", flag.ContinueOnError)
 	fs.SetOutput(output)
 
-	// Where to listen and what to talk to.
-	fs.StringVar(&cfg.addr, "addr", ":8888", "HTTP `address` to serve the chat page and /ws on")
-	fs.StringVar(&cfg.amqp.URL, "amqp", "", "AMQP broker `URL` (default $AMQP_URL)")
+	// Where to listen and what to talk to. Loopback by default, as the
+	// posts' demo: serving a network is a choice made with -addr.
+	fs.StringVar(&cfg.addr, "addr", "localhost:8888", "HTTP `address` to serve the chat page and /ws on")
+	hosts := fs.String("hosts", "", "comma-separated host `names` the server answers to when -addr is not loopback (\"*\" for any); on loopback it answers to loopback names only")
+	fs.StringVar(&cfg.amqp.URL, "amqp", "", "AMQP broker `URL` (default $AMQP_URL; none: the embedded broker)")
 	fs.StringVar(&cfg.amqp.Exchange, "exchange", "wsamqp", "fanout `exchange` shared by every wsamqp process")
 	origins := fs.String("origin", "", "comma-separated `origins` allowed to open /ws besides the page's own (e.g. https://chat.example.com)")
 	fs.TextVar(&cfg.logLevel, "log-level", slog.LevelInfo, "log `level`: DEBUG, INFO, WARN or ERROR")
 
 	// Limits on browsers.
-	fs.Int64Var(&cfg.ws.MaxMessage, "max-message", 64<<10, "largest browser message in `bytes`; larger ones close with 1009")
-	fs.IntVar(&cfg.ws.SendQueue, "send-queue", 256, "`messages` queued for one browser before it is cut off as too slow")
+	fs.Int64Var(&cfg.ws.MaxMessage, "max-message", 64<<10, "largest message in `bytes`, from a browser (larger close with 1009) or from the broker (larger are dropped)")
+	fs.IntVar(&cfg.ws.SendQueue, "send-queue", 4096, "`messages` queued for one browser before it is cut off as too slow")
+	fs.Int64Var(&cfg.ws.SendQueueBytes, "send-queue-bytes", 1<<20, "`bytes` queued for one browser before it is cut off as too slow")
 	fs.IntVar(&cfg.ws.MaxConns, "max-conns", 10000, "browsers connected at once; more are refused with 503")
-	fs.Float64Var(&cfg.ws.Rate, "rate", 50, "`messages` a second one browser may send on average; more close with 1008 (0: no limit)")
+	fs.IntVar(&cfg.ws.MaxConnsPerIP, "max-conns-per-ip", 100, "browsers connected at once from one IP address; more are refused with 429")
+	fs.Float64Var(&cfg.ws.Rate, "rate", 50, "`messages` (pings included) a second one browser may send on average; more close with 1008 (0: no limit)")
 	fs.IntVar(&cfg.ws.Burst, "burst", 500, "`messages` one browser may send at once above -rate")
 	fs.DurationVar(&cfg.readHeaderTimeout, "read-header-timeout", 5*time.Second, "how long a client gets to send its HTTP request headers")
+	fs.IntVar(&cfg.maxHeaderBytes, "max-header-bytes", 16<<10, "largest HTTP request header in `bytes`")
 	fs.DurationVar(&cfg.ws.WriteWait, "write-wait", 10*time.Second, "bounds one write to a browser")
-	fs.DurationVar(&cfg.ws.PongWait, "pong-wait", 60*time.Second, "how long a silent browser is kept (pinged at 9/10 of it)")
+	fs.DurationVar(&cfg.ws.PongWait, "pong-wait", 60*time.Second, "how long a silent browser is kept; at least twice -write-wait")
 
 	// Limits on the broker link.
-	fs.IntVar(&cfg.amqp.Outbox, "outbox", 4096, "browser `messages` held while the broker is away; more close with 1013")
+	fs.IntVar(&cfg.amqp.Outbox, "outbox", 4096, "browser `messages` held for the broker; when full, senders wait while the broker is up and get 1013 while it is away")
+	fs.Int64Var(&cfg.amqp.OutboxBytes, "outbox-bytes", 16<<20, "browser message `bytes` held for the broker, as -outbox")
 	fs.IntVar(&cfg.amqp.Prefetch, "prefetch", 256, "unacknowledged deliveries from the broker")
 	fs.DurationVar(&cfg.amqp.QueueExpires, "queue-expires", time.Minute, "how long this process's queue outlives a lost connection, keeping what is sent meanwhile")
 	fs.IntVar(&cfg.amqp.QueueLength, "queue-length", 100_000, "`messages` this process's queue keeps while it is away; the oldest go first")
@@ -96,24 +134,188 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 
 	// The embedded broker, used when no broker URL is given.
 	fs.StringVar(&cfg.brokerListen, "broker-listen", "", "also serve the embedded broker to AMQP clients on this TCP `address` (e.g. 127.0.0.1:5673)")
+	fs.StringVar(&cfg.broker.User, "broker-user", "guest", "embedded broker: the account's `user` (guest may connect only from loopback)")
+	fs.StringVar(&cfg.broker.Password, "broker-password", "", "embedded broker: the account's `password` (default $WSAMQP_BROKER_PASSWORD, or guest for guest)")
 	fs.IntVar(&cfg.broker.MaxQueueLength, "broker-max-queue", 100_000, "embedded broker: ready `messages` a queue holds before dropping the oldest")
+	fs.Int64Var(&cfg.broker.MaxQueueBytes, "broker-max-queue-bytes", 64<<20, "embedded broker: ready message `bytes` a queue holds before dropping the oldest")
+	fs.Int64Var(&cfg.broker.MaxMemory, "broker-max-memory", 256<<20, "embedded broker: message `bytes` held in all before publishes are refused")
+	fs.IntVar(&cfg.broker.MaxConns, "broker-max-conns", 1000, "embedded broker: client connections at once")
+	fs.IntVar(&cfg.broker.ChannelMax, "broker-channel-max", 2047, "embedded broker: AMQP channels per connection")
+	fs.IntVar(&cfg.broker.MaxQueues, "broker-max-queues", 10_000, "embedded broker: queues at once")
+	fs.IntVar(&cfg.broker.MaxExchanges, "broker-max-exchanges", 10_000, "embedded broker: exchanges at once")
+	fs.IntVar(&cfg.broker.MaxConsumers, "broker-max-consumers", 100_000, "embedded broker: consumers at once")
 
 	if err := fs.Parse(args); err != nil {
-		return cfg, err
+		if errors.Is(err, flag.ErrHelp) {
+			return cfg, err
+		}
+		return cfg, fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if fs.NArg() > 0 {
-		return cfg, fmt.Errorf("unexpected arguments: %q", fs.Args())
+		return cfg, fmt.Errorf("%w: unexpected arguments: %q", errUsage, fs.Args())
 	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	// Secrets are read after parsing, not as the flags' defaults, which
+	// -h would print, passwords and all.
+	urlFlag := "amqp"
 	if cfg.amqp.URL == "" {
-		cfg.amqp.URL = os.Getenv("AMQP_URL") // not the flag's default, which -h would print, password and all
+		cfg.amqp.URL, urlFlag = os.Getenv("AMQP_URL"), "amqp (from $AMQP_URL)"
 	}
-	for o := range strings.SplitSeq(*origins, ",") {
-		if o = strings.TrimSpace(o); o != "" {
-			cfg.ws.Origins = append(cfg.ws.Origins, o)
+	if cfg.broker.Password == "" {
+		cfg.broker.Password = os.Getenv("WSAMQP_BROKER_PASSWORD")
+	}
+	if cfg.broker.Password == "" && cfg.broker.User == "guest" {
+		cfg.broker.Password = "guest"
+	}
+	cfg.ws.Origins = splitList(*origins)
+	cfg.hosts = splitList(*hosts)
+	cfg.ws.CloseTimeout = cfg.shutdownTimeout
+	if err := cfg.validate(set, urlFlag); err != nil {
+		return cfg, err
+	}
+	return cfg, nil
+}
+
+// splitList splits a comma-separated flag value, dropping empty items.
+func splitList(s string) []string {
+	var items []string
+	for item := range strings.SplitSeq(s, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			items = append(items, item)
 		}
 	}
-	cfg.ws.CloseTimeout = cfg.shutdownTimeout
-	return cfg, nil
+	return items
+}
+
+// validate checks every value against its range. set says which flags
+// the command line gave; urlFlag names where the AMQP URL came from.
+func (cfg *config) validate(set map[string]bool, urlFlag string) error {
+	type bound struct {
+		name     string
+		v        int64
+		min, max int64
+	}
+	for _, b := range []bound{
+		{"max-message", cfg.ws.MaxMessage, 1, 16 << 20},
+		{"send-queue", int64(cfg.ws.SendQueue), 1, 1 << 20},
+		{"send-queue-bytes", cfg.ws.SendQueueBytes, 1 << 10, 1 << 30},
+		{"max-conns", int64(cfg.ws.MaxConns), 1, 1 << 20},
+		{"max-conns-per-ip", int64(cfg.ws.MaxConnsPerIP), 1, 1 << 20},
+		{"burst", int64(cfg.ws.Burst), 1, 1 << 20},
+		{"max-header-bytes", int64(cfg.maxHeaderBytes), 1 << 10, 1 << 20},
+		{"outbox", int64(cfg.amqp.Outbox), 1, 1 << 20},
+		{"outbox-bytes", cfg.amqp.OutboxBytes, 1 << 10, 1 << 32},
+		{"prefetch", int64(cfg.amqp.Prefetch), 1, 65535},
+		{"queue-length", int64(cfg.amqp.QueueLength), 1, math.MaxInt32},
+		{"broker-max-queue", int64(cfg.broker.MaxQueueLength), 1, math.MaxInt32},
+		{"broker-max-queue-bytes", cfg.broker.MaxQueueBytes, 1 << 10, 1 << 40},
+		{"broker-max-memory", cfg.broker.MaxMemory, 1 << 20, 1 << 40},
+		{"broker-max-conns", int64(cfg.broker.MaxConns), 1, 1 << 20},
+		{"broker-channel-max", int64(cfg.broker.ChannelMax), 1, 65535},
+		{"broker-max-queues", int64(cfg.broker.MaxQueues), 1, 1 << 24},
+		{"broker-max-exchanges", int64(cfg.broker.MaxExchanges), 5, 1 << 24},
+		{"broker-max-consumers", int64(cfg.broker.MaxConsumers), 1, 1 << 24},
+	} {
+		if b.v < b.min || b.v > b.max {
+			return usageError(b.name, "%d is out of range [%d, %d]", b.v, b.min, b.max)
+		}
+	}
+	type span struct {
+		name     string
+		v        time.Duration
+		min, max time.Duration
+	}
+	for _, d := range []span{
+		{"read-header-timeout", cfg.readHeaderTimeout, time.Millisecond, time.Hour},
+		{"write-wait", cfg.ws.WriteWait, time.Millisecond, time.Hour},
+		{"pong-wait", cfg.ws.PongWait, time.Millisecond, 24 * time.Hour},
+		{"queue-expires", cfg.amqp.QueueExpires, time.Second, 24 * time.Hour}, // RabbitMQ takes milliseconds in 32 bits
+		{"max-backoff", cfg.amqp.MaxBackoff, 100 * time.Millisecond, time.Hour},
+		{"drain-timeout", cfg.amqp.DrainTimeout, 0, time.Hour},
+		{"shutdown-timeout", cfg.shutdownTimeout, 0, time.Hour},
+	} {
+		if d.v < d.min || d.v > d.max {
+			return usageError(d.name, "%v is out of range [%v, %v]", d.v, d.min, d.max)
+		}
+	}
+	switch {
+	case math.IsNaN(cfg.ws.Rate) || cfg.ws.Rate < 0 || cfg.ws.Rate > 1e6:
+		return usageError("rate", "%g is out of range [0, 1e6] (0: no limit)", cfg.ws.Rate)
+	case cfg.ws.PongWait < 2*cfg.ws.WriteWait:
+		return usageError("pong-wait", "%v must be at least twice -write-wait (%v): a ping may wait behind one write", cfg.ws.PongWait, cfg.ws.WriteWait)
+	case cfg.ws.SendQueueBytes < cfg.ws.MaxMessage:
+		return usageError("send-queue-bytes", "%d is less than -max-message (%d): a browser could not be sent one message", cfg.ws.SendQueueBytes, cfg.ws.MaxMessage)
+	case cfg.amqp.OutboxBytes < cfg.ws.MaxMessage:
+		return usageError("outbox-bytes", "%d is less than -max-message (%d): one message would never fit", cfg.amqp.OutboxBytes, cfg.ws.MaxMessage)
+	case cfg.amqp.Exchange == "" || len(cfg.amqp.Exchange) > 255:
+		return usageError("exchange", "%q must be 1 to 255 bytes", cfg.amqp.Exchange)
+	case cfg.broker.User == "" || len(cfg.broker.User) > 255:
+		return usageError("broker-user", "must be 1 to 255 bytes")
+	}
+	if _, _, err := net.SplitHostPort(cfg.addr); err != nil {
+		return usageError("addr", "%v", err)
+	}
+	if !isLoopbackAddr(cfg.addr) && len(cfg.hosts) == 0 {
+		return usageError("hosts", "-addr %s serves a network: give the host names browsers reach it by (e.g. -hosts chat.example.com,192.0.2.10), or \"*\" for any; without them a page on any site could reach the chat through DNS rebinding", cfg.addr)
+	}
+	for _, o := range cfg.ws.Origins {
+		if u, err := url.Parse(o); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Path != "" {
+			return usageError("origin", "%q is not an origin such as https://chat.example.com", o)
+		}
+	}
+	if cfg.amqp.URL != "" {
+		if set["broker-listen"] {
+			return usageError("broker-listen", "serves the embedded broker, which is not used with -amqp or $AMQP_URL")
+		}
+		// A URL that does not parse is never printed: it may hold a
+		// password, and a password with "#", "/" or "%" is what makes
+		// URLs fail to parse.
+		if u, err := amqp.ParseURI(cfg.amqp.URL); err != nil {
+			return usageError(urlFlag, "not a valid AMQP URL (%s); it is not shown, since it may hold a password: percent-encode special characters in the password", urlProblem(err))
+		} else if u.Host == "" {
+			return usageError(urlFlag, "the AMQP URL has no host")
+		}
+	}
+	if cfg.brokerListen != "" {
+		if _, _, err := net.SplitHostPort(cfg.brokerListen); err != nil {
+			return usageError("broker-listen", "%v", err)
+		}
+		if !isLoopbackAddr(cfg.brokerListen) && cfg.broker.User == "guest" {
+			return usageError("broker-listen", "%s is not a loopback address, and guest may connect only from loopback: set -broker-user and $WSAMQP_BROKER_PASSWORD", cfg.brokerListen)
+		}
+	}
+	return nil
+}
+
+// urlProblem says what is wrong with an AMQP URL without quoting it.
+func urlProblem(err error) string {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		var esc url.EscapeError
+		if errors.As(ue.Err, &esc) {
+			return "a bad percent-escape"
+		}
+		return "it does not parse"
+	}
+	if strings.Contains(err.Error(), "scheme") {
+		return "the scheme must be amqp:// or amqps://"
+	}
+	return "it does not parse"
+}
+
+// isLoopbackAddr reports whether a listening address is on loopback only:
+// "localhost:8888", "127.0.0.1:0", "[::1]:8888".
+func isLoopbackAddr(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // run is the program: it wires the plugins to a bus, starts it, and blocks
@@ -127,9 +329,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	logger := slog.New(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: cfg.logLevel}))
+	logger := slog.New(newLimitedHandler(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: cfg.logLevel})))
 	b := NewBus(logger)
 	if cfg.amqp.URL == "" {
+		cfg.broker.Logger = logger.With("part", "broker")
 		if err := startEmbeddedBroker(b, &cfg); err != nil {
 			return err
 		}
@@ -138,8 +341,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	br := newBridge(b, cfg.amqp, cfg.ws)
 	srv := &http.Server{
 		Addr:              cfg.addr,
-		Handler:           br.handler,
+		Handler:           checkHost(br.handler, cfg.hosts),
 		ReadHeaderTimeout: cfg.readHeaderTimeout, // a slowloris gets this long to send its headers
+		MaxHeaderBytes:    cfg.maxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
@@ -173,7 +377,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 // at it, and closes it when the bus exits, after the plugin has stopped.
 func startEmbeddedBroker(b *Bus, cfg *config) error {
 	broker := NewBroker(cfg.broker)
-	cfg.amqp.URL = "amqp://guest:guest@embedded/"
+	cfg.amqp.URL = (&url.URL{Scheme: "amqp", User: url.UserPassword(cfg.broker.User, cfg.broker.Password), Host: "embedded", Path: "/"}).String()
 	cfg.amqp.Dial = broker.Dial
 	b.Subscribe(ChannelExit, "broker", DefaultPriority, func(...any) (any, error) { return nil, broker.Close() })
 	b.Log("no -amqp flag or AMQP_URL: using the embedded broker; give -amqp amqp://user:password@host:5672/ to use RabbitMQ", slog.LevelInfo)
@@ -183,9 +387,34 @@ func startEmbeddedBroker(b *Bus, cfg *config) error {
 			broker.Close()
 			return err
 		}
-		b.Log("embedded broker listening", slog.LevelInfo, "url", "amqp://guest:xxxxx@"+addr.String()+"/")
+		b.Log("embedded broker listening", slog.LevelInfo, "url", "amqp://"+cfg.broker.User+":xxxxx@"+addr.String()+"/")
 	}
 	return nil
+}
+
+// checkHost answers only requests for the host names the server is
+// reached by. A page on another site can make a browser send requests to
+// 127.0.0.1 under its own name (DNS rebinding), and then Origin and Host
+// agree; the Host header is what tells. On loopback the server answers to
+// loopback names (localhost, 127.0.0.1, [::1]) and those in hosts; "*" in
+// hosts answers to any.
+func checkHost(h http.Handler, hosts []string) http.Handler {
+	if slices.Contains(hosts, "*") {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		name := r.Host
+		if host, _, err := net.SplitHostPort(r.Host); err == nil {
+			name = host
+		}
+		name = strings.TrimSuffix(strings.ToLower(name), ".")
+		ip := net.ParseIP(strings.Trim(name, "[]"))
+		if name == "localhost" || (ip != nil && ip.IsLoopback()) || slices.ContainsFunc(hosts, func(h string) bool { return strings.EqualFold(h, name) }) {
+			h.ServeHTTP(w, r)
+			return
+		}
+		http.Error(w, "unknown host: this server answers to its own names only (see -hosts)", http.StatusMisdirectedRequest)
+	})
 }
 
 // displayAddr turns a listening address into one a browser can open.

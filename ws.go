@@ -7,6 +7,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -32,21 +33,25 @@ const (
 
 // WSConfig holds the limits of the WebSocket handler.
 type WSConfig struct {
-	MaxMessage int64         // largest browser message, in bytes
-	SendQueue  int           // messages queued for one browser before it is too slow
-	MaxConns   int           // browsers connected at once
-	Rate       float64       // messages a second one browser may send on average; 0 for no limit
-	Burst      int           // messages one browser may send at once, above Rate
-	WriteWait  time.Duration // bounds one write to a browser
-	PongWait   time.Duration // how long a browser may stay silent, pongs included
-	Origins    []string      // origins allowed besides the page's own ("https://example.com")
+	MaxMessage     int64         // largest message, in bytes, from a browser or for browsers
+	SendQueue      int           // messages queued for one browser before it is too slow
+	SendQueueBytes int64         // bytes queued for one browser before it is too slow
+	MaxConns       int           // browsers connected at once
+	MaxConnsPerIP  int           // browsers connected at once from one IP address
+	Rate           float64       // messages (pings included) a second one browser may send on average; 0 for no limit
+	Burst          int           // messages one browser may send at once, above Rate
+	WriteWait      time.Duration // bounds one write to a browser
+	PongWait       time.Duration // how long a browser may stay silent, pongs included; at least 2 × WriteWait
+	Origins        []string      // origins allowed besides the page's own ("https://example.com")
 
 	CloseTimeout time.Duration // bounds how long browsers get to leave on shutdown
 }
 
-// pingPeriod is how often browsers are pinged. Must be less than PongWait,
-// so that a live browser's pong arrives before its read deadline.
-func (cfg WSConfig) pingPeriod() time.Duration { return cfg.PongWait * 9 / 10 }
+// pingPeriod is how often browsers are pinged. A ping may wait behind a
+// write that takes up to WriteWait, and a live browser's pong must still
+// arrive before its read deadline, PongWait after the last: so a ping goes
+// out a little before PongWait - WriteWait.
+func (cfg WSConfig) pingPeriod() time.Duration { return (cfg.PongWait - cfg.WriteWait) * 9 / 10 }
 
 // closeWait bounds how long a closing connection waits for the browser's
 // answering close frame before it drops the TCP connection.
@@ -59,17 +64,18 @@ type Hub struct {
 	cfg      WSConfig
 	upgrader websocket.Upgrader
 
-	// mu guards clients and closing.
+	// mu guards clients, perIP and closing.
 	mu      sync.Mutex
 	clients map[*client]struct{}
-	closing bool // Close has begun; new browsers are turned away
+	perIP   map[string]int // browsers connected from each IP address
+	closing bool           // Close has begun; new browsers are turned away
 
 	wg sync.WaitGroup // one count per reader and per writer goroutine; added to under mu while !closing
 }
 
 // NewHub returns the WebSocket handler for b. Call Subscribe to plug it in.
 func NewHub(b *Bus, cfg WSConfig) *Hub {
-	h := &Hub{bus: b, cfg: cfg, clients: make(map[*client]struct{})}
+	h := &Hub{bus: b, cfg: cfg, clients: make(map[*client]struct{}), perIP: make(map[string]int)}
 	h.upgrader = websocket.Upgrader{
 		ReadBufferSize:  1024,
 		WriteBufferSize: 1024,
@@ -130,23 +136,27 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c := &client{
 		hub:      h,
 		remote:   r.RemoteAddr,
-		send:     make(chan *websocket.PreparedMessage, h.cfg.SendQueue),
+		ip:       remoteIP(r.RemoteAddr),
+		wake:     make(chan struct{}, 1),
 		quit:     make(chan struct{}),
 		readDone: make(chan struct{}),
 	}
 	h.mu.Lock()
-	refuse := ""
+	refuse, status := "", http.StatusServiceUnavailable
 	switch {
 	case h.closing:
 		refuse = "server shutting down"
 	case len(h.clients) >= h.cfg.MaxConns:
 		refuse = fmt.Sprintf("too many connections (limit %d)", h.cfg.MaxConns)
+	case h.perIP[c.ip] >= h.cfg.MaxConnsPerIP:
+		refuse, status = fmt.Sprintf("too many connections from your address (limit %d)", h.cfg.MaxConnsPerIP), http.StatusTooManyRequests
 	default:
 		h.clients[c] = struct{}{}
+		h.perIP[c.ip]++
 	}
 	h.mu.Unlock()
 	if refuse != "" {
-		http.Error(w, refuse, http.StatusServiceUnavailable)
+		http.Error(w, refuse, status)
 		return
 	}
 
@@ -155,9 +165,9 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.mu.Lock()
 	closing := h.closing
 	if err != nil || closing {
-		delete(h.clients, c)
+		h.remove(c)
 	} else {
-		c.conn, c.batch = conn, hj.conn
+		c.conn, c.raw = conn, hj.conn
 		h.wg.Add(2) // never once Close has set closing, so never during its Wait
 	}
 	h.mu.Unlock()
@@ -175,33 +185,74 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// broadcast frames body once and queues it for every browser. A browser
-// whose queue is full is too slow: it is disconnected, never waited for.
-// It runs on the AMQP plugin's consuming goroutine.
-func (h *Hub) broadcast(body []byte) error {
-	if !utf8.Valid(body) {
-		return errors.New("ws: broker message is not valid UTF-8; browsers only take text")
+// remove takes c out of the hub. h.mu is held.
+func (h *Hub) remove(c *client) {
+	if _, ok := h.clients[c]; !ok {
+		return
 	}
-	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, body)
+	delete(h.clients, c)
+	if h.perIP[c.ip]--; h.perIP[c.ip] <= 0 {
+		delete(h.perIP, c.ip)
+	}
+}
+
+// remoteIP returns the IP address of a request's remote address.
+func remoteIP(remote string) string {
+	host, _, err := net.SplitHostPort(remote)
 	if err != nil {
-		return fmt.Errorf("ws: prepare message: %w", err)
+		return remote
 	}
+	return host
+}
+
+// broadcast frames body once and queues the same bytes for every browser.
+// A browser whose queue is full, in messages or in bytes, is too slow: it
+// is disconnected, never waited for. It runs on the AMQP plugin's
+// consuming goroutine.
+func (h *Hub) broadcast(body []byte) error {
+	if int64(len(body)) > h.cfg.MaxMessage {
+		return fmt.Errorf("ws: broker message of %d bytes dropped: larger than -max-message (%d)", len(body), h.cfg.MaxMessage)
+	}
+	if !utf8.Valid(body) {
+		return errors.New("ws: broker message dropped: not valid UTF-8; browsers only take text")
+	}
+	frame := textFrame(body)
 	var slow []*client
 	h.mu.Lock()
 	for c := range h.clients {
-		select {
-		case c.send <- pm:
-		default:
-			if c.close(websocket.ClosePolicyViolation, "too slow: send queue full") {
-				slow = append(slow, c)
-			}
+		if !c.enqueue(frame) && c.close(websocket.ClosePolicyViolation, "too slow: send queue full") {
+			slow = append(slow, c)
 		}
 	}
 	h.mu.Unlock()
 	for _, c := range slow {
-		h.bus.Log("browser cut off as too slow", slog.LevelWarn, "remote", c.remote, "queue", h.cfg.SendQueue)
+		h.bus.Log("browser cut off as too slow", slog.LevelWarn, "remote", c.remote, "queue", h.cfg.SendQueue, "queue_bytes", h.cfg.SendQueueBytes)
 	}
 	return nil
+}
+
+// textFrame returns body as a complete WebSocket text frame, as a server
+// sends it: unmasked, so the same bytes serve every browser.
+func textFrame(body []byte) []byte {
+	var head [10]byte
+	head[0] = 0x80 | websocket.TextMessage // FIN, opcode
+	n := 2
+	switch l := len(body); {
+	case l < 126:
+		head[1] = byte(l)
+	case l <= 0xFFFF:
+		head[1] = 126
+		binary.BigEndian.PutUint16(head[2:], uint16(l))
+		n = 4
+	default:
+		head[1] = 127
+		binary.BigEndian.PutUint64(head[2:], uint64(l))
+		n = 10
+	}
+	frame := make([]byte, n+len(body))
+	copy(frame, head[:n])
+	copy(frame[n:], body)
+	return frame
 }
 
 // Close says goodbye to every browser with 1001 (going away), after the
@@ -227,8 +278,8 @@ func (h *Hub) Close(deadline time.Time) {
 	case <-t.C:
 		h.mu.Lock()
 		for c := range h.clients {
-			if c.conn != nil {
-				c.conn.Close()
+			if c.raw != nil {
+				c.raw.Close()
 			}
 		}
 		h.mu.Unlock()
@@ -240,12 +291,16 @@ func (h *Hub) Close(deadline time.Time) {
 type client struct {
 	hub    *Hub
 	remote string          // the browser's address, for the log
+	ip     string          // its IP address, for the per-address limit
 	conn   *websocket.Conn // nil until the handshake is done; set under hub.mu
-	batch  *batchConn      // conn's TCP connection, which the writer batches frames on
+	raw    *lockedConn     // conn's TCP connection, on which the writer writes frames
 
-	// send is buffered to cfg.SendQueue messages; when it is full the
-	// browser is not keeping up and is disconnected.
-	send chan *websocket.PreparedMessage
+	// mu guards queue and queued: frames waiting for the writer, shared
+	// with every other browser, and their bytes.
+	mu     sync.Mutex
+	queue  [][]byte
+	queued int64
+	wake   chan struct{} // capacity 1: one pending wake-up is enough for any number of frames
 
 	once     sync.Once
 	quit     chan struct{} // closed by close: the writer says goodbye and leaves
@@ -253,6 +308,45 @@ type client struct {
 	reason   string        // close reason for the goodbye; set before quit closes
 	readDone chan struct{} // closed when the reader has returned
 }
+
+// enqueue queues a frame for the writer. It reports false, queueing
+// nothing, when the browser already has SendQueue frames or SendQueueBytes
+// bytes waiting: it is not keeping up.
+func (c *client) enqueue(frame []byte) bool {
+	c.mu.Lock()
+	full := len(c.queue) >= c.hub.cfg.SendQueue || c.queued+int64(len(frame)) > c.hub.cfg.SendQueueBytes
+	if !full {
+		c.queue = append(c.queue, frame)
+		c.queued += int64(len(frame))
+	}
+	c.mu.Unlock()
+	if !full {
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+	}
+	return !full
+}
+
+// take returns what is queued and empties the queue, handing back the
+// previous batch's slice (emptied) to be filled next, so that a busy
+// browser allocates nothing per batch and an idle one holds little.
+func (c *client) take(spare [][]byte) [][]byte {
+	clear(spare)
+	if cap(spare) > maxSpareBatch {
+		spare = nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	batch := c.queue
+	c.queue, c.queued = spare[:0], 0
+	return batch
+}
+
+// maxSpareBatch bounds the frames slice a browser keeps between batches:
+// a burst's larger slice is let go.
+const maxSpareBatch = 256
 
 // close asks the writer to end the connection with code and reason; only
 // the first call counts, and it reports whether it was the first. Code 0
@@ -269,6 +363,8 @@ func (c *client) close(code int, reason string) (first bool) {
 // readLoop moves browser messages onto the bus; it is the conn's only
 // reader. A message it cannot accept ends the connection with a close code
 // saying why; after that it only reads to see the browser's close frame.
+// Any frame from the browser shows it is alive and extends its deadline;
+// pings count against its rate limit, since each costs a pong.
 func (c *client) readLoop() {
 	h := c.hub
 	defer func() {
@@ -276,17 +372,38 @@ func (c *client) readLoop() {
 		close(c.readDone)
 		h.wg.Done()
 	}()
-	c.conn.SetReadDeadline(time.Now().Add(h.cfg.PongWait))
-	c.conn.SetPongHandler(func(string) error {
-		return c.conn.SetReadDeadline(time.Now().Add(h.cfg.PongWait))
-	})
+	alive := func() { c.conn.SetReadDeadline(time.Now().Add(h.cfg.PongWait)) }
+	alive()
 	limit := newTokenBucket(h.cfg.Rate, h.cfg.Burst)
 	refused := false
+	refuse := func(code int, reason string) {
+		h.bus.Log("browser message refused", slog.LevelInfo, "remote", c.remote, "code", code, "reason", reason)
+		c.close(code, reason)
+		refused = true
+	}
+	tooMany := fmt.Sprintf("too many messages: limit is %g a second", h.cfg.Rate)
+	c.conn.SetPongHandler(func(string) error { alive(); return nil })
+	c.conn.SetPingHandler(func(data string) error {
+		alive()
+		if refused {
+			return nil
+		}
+		if !limit.allow(time.Now()) {
+			refuse(websocket.ClosePolicyViolation, tooMany)
+			return nil
+		}
+		err := c.conn.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(h.cfg.WriteWait))
+		if errors.Is(err, websocket.ErrCloseSent) {
+			return nil
+		}
+		return err
+	})
 	for {
 		kind, r, err := c.conn.NextReader()
 		if err != nil {
 			return
 		}
+		alive()
 		if refused {
 			io.Copy(io.Discard, r)
 			continue
@@ -297,15 +414,13 @@ func (c *client) readLoop() {
 		}
 		code, reason := c.accept(kind, msg)
 		if code == 0 && !limit.allow(time.Now()) {
-			code, reason = websocket.ClosePolicyViolation, fmt.Sprintf("too many messages: limit is %g a second", h.cfg.Rate)
+			code, reason = websocket.ClosePolicyViolation, tooMany
 		}
 		if code == 0 {
 			code, reason = c.publish(msg)
 		}
 		if code != 0 {
-			h.bus.Log("browser message refused", slog.LevelInfo, "remote", c.remote, "code", code, "reason", reason)
-			c.close(code, reason)
-			refused = true
+			refuse(code, reason)
 		}
 	}
 }
@@ -325,31 +440,34 @@ func (c *client) accept(kind int, msg []byte) (code int, reason string) {
 }
 
 // publish puts a browser message on the bus. It returns 0 on success, or
-// the close code and reason that refuse it.
+// the close code and reason that refuse it. The AMQP plugin may make it
+// wait while its outbox is full and the broker is up; c.quit ends the
+// wait.
 func (c *client) publish(msg []byte) (code int, reason string) {
-	_, err := c.hub.bus.Publish(ChannelWS2AMQP, msg)
+	_, err := c.hub.bus.Publish(ChannelWS2AMQP, msg, (<-chan struct{})(c.quit))
 	switch {
 	case err == nil:
 		return 0, ""
 	case errors.Is(err, ErrOutboxFull):
 		return websocket.CloseTryAgainLater, "broker unavailable: try again later"
-	case errors.Is(err, ErrStopped):
+	case errors.Is(err, ErrStopped), errors.Is(err, ErrGaveUp):
 		return websocket.CloseGoingAway, "server shutting down"
 	}
 	return websocket.CloseInternalServerErr, "internal error"
 }
 
-// writeLoop pushes queued messages and pings to the browser; it is the
-// conn's only writer. It owns the connection's end: when it returns, the
-// TCP connection is closed and the browser unregistered.
+// writeLoop pushes queued frames and pings to the browser; it is the
+// conn's only writer of data frames. It owns the connection's end: when it
+// returns, the TCP connection is closed and the browser unregistered.
 func (c *client) writeLoop() {
 	h := c.hub
 	ping := time.NewTicker(h.cfg.pingPeriod())
+	var batch [][]byte
 	defer func() {
 		ping.Stop()
 		c.conn.Close()
 		h.mu.Lock()
-		delete(h.clients, c)
+		h.remove(c)
 		h.mu.Unlock()
 		h.wg.Done()
 	}()
@@ -358,13 +476,13 @@ func (c *client) writeLoop() {
 		// else that is queued.
 		select {
 		case <-c.quit:
-			c.goodbye()
+			c.goodbye(batch)
 			return
 		default:
 		}
 		select {
-		case pm := <-c.send:
-			if c.writeBatch(pm) != nil {
+		case <-c.wake:
+			if batch = c.take(batch); c.raw.writeFrames(batch, h.cfg.WriteWait) != nil {
 				return
 			}
 		case <-ping.C:
@@ -372,44 +490,22 @@ func (c *client) writeLoop() {
 				return
 			}
 		case <-c.quit:
-			c.goodbye()
+			c.goodbye(batch)
 			return
 		}
 	}
 }
 
-// maxWriteBatch bounds how many queued messages go out in one write:
-// enough to amortize the system call, few enough that a write is short.
-const maxWriteBatch = 64
-
-// writeBatch sends pm and what else is queued behind it, up to
-// maxWriteBatch messages, in one write to the socket, within the write
-// deadline.
-func (c *client) writeBatch(pm *websocket.PreparedMessage) error {
-	c.batch.hold()
-	c.conn.SetWriteDeadline(time.Now().Add(c.hub.cfg.WriteWait))
-	err := c.conn.WritePreparedMessage(pm)
-	for n := 1; err == nil && n < maxWriteBatch && len(c.send) > 0; n++ {
-		err = c.conn.WritePreparedMessage(<-c.send)
-	}
-	if ferr := c.batch.flush(); err == nil {
-		err = ferr
-	}
-	return err
-}
-
 // goodbye ends the connection the way close asked: on shutdown it first
 // delivers what is queued, then it sends the close frame and waits a little
 // for the browser's answer.
-func (c *client) goodbye() {
+func (c *client) goodbye(spare [][]byte) {
 	if c.code == 0 {
 		return
 	}
 	if c.code == websocket.CloseGoingAway {
-		for len(c.send) > 0 {
-			if c.writeBatch(<-c.send) != nil {
-				return
-			}
+		if c.raw.writeFrames(c.take(spare), c.hub.cfg.WriteWait) != nil {
+			return
 		}
 	}
 	frame := websocket.FormatCloseMessage(c.code, c.reason)
@@ -450,11 +546,11 @@ func (b *tokenBucket) allow(now time.Time) bool {
 	return true
 }
 
-// hijacker hands gorilla's Upgrade a batchConn in place of the browser's
+// hijacker hands gorilla's Upgrade a lockedConn in place of the browser's
 // TCP connection.
 type hijacker struct {
 	http.ResponseWriter
-	conn *batchConn // set by Hijack
+	conn *lockedConn // set by Hijack
 }
 
 func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -462,60 +558,50 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	h.conn = &batchConn{Conn: nc}
+	h.conn = &lockedConn{Conn: nc}
 	return h.conn, brw, nil
 }
 
-// batchConn is a browser's TCP connection as gorilla sees it. While the
-// writer holds it, the frames that gorilla writes collect in a buffer, and
-// flush sends them in one system call; otherwise writes go straight
-// through. Control frames that other goroutines write meanwhile (a pong
-// from the reader) join the buffer in order.
-type batchConn struct {
+// lockedConn is a browser's TCP connection, shared by the writer, which
+// writes data frames on it directly (the same bytes for every browser,
+// many in one system call), and gorilla, which writes control frames on
+// it from the reader (pongs) and the writer (pings, close). Its mutex keeps
+// frames whole and in order, and keeps a control frame's write deadline
+// from changing the writer's in the middle of a write.
+type lockedConn struct {
 	net.Conn
 
-	// mu guards holding and buf, and is held across writes to Conn so
-	// that frames never interleave or overtake one another.
-	mu      sync.Mutex
-	holding bool
-	buf     *[]byte // from batchBuffers while holding, nil otherwise
+	mu sync.Mutex // held across each write and each change of the write deadline
 }
 
-// batchBuffers recycles batch buffers, so that an idle browser holds none.
-var batchBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return &b }}
-
-func (c *batchConn) Write(p []byte) (int, error) {
+func (c *lockedConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.holding {
-		return c.Conn.Write(p)
-	}
-	if c.buf == nil {
-		c.buf = batchBuffers.Get().(*[]byte)
-	}
-	*c.buf = append(*c.buf, p...)
-	return len(p), nil
+	return c.Conn.Write(p)
 }
 
-// hold makes writes collect until flush.
-func (c *batchConn) hold() {
+func (c *lockedConn) SetWriteDeadline(t time.Time) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.holding = true
+	return c.Conn.SetWriteDeadline(t)
 }
 
-// flush sends what collected since hold in one write, and lets writes go
-// straight through again.
-func (c *batchConn) flush() error {
+func (c *lockedConn) SetDeadline(t time.Time) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.holding = false
-	if c.buf == nil {
+	return c.Conn.SetDeadline(t)
+}
+
+// writeFrames writes whole frames in as few system calls as the kernel
+// allows (writev), within wait.
+func (c *lockedConn) writeFrames(frames [][]byte, wait time.Duration) error {
+	if len(frames) == 0 {
 		return nil
 	}
-	_, err := c.Conn.Write(*c.buf)
-	*c.buf = (*c.buf)[:0]
-	batchBuffers.Put(c.buf)
-	c.buf = nil
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.Conn.SetWriteDeadline(time.Now().Add(wait))
+	bufs := net.Buffers(frames) // WriteTo advances its own copy of the slice header
+	_, err := bufs.WriteTo(c.Conn)
 	return err
 }
