@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -302,4 +303,104 @@ func rawWebSocket(b *testing.B, addr string) net.Conn {
 		b.Fatalf("handshake refused: %q", head)
 	}
 	return c
+}
+
+// BenchmarkMemoryUnderLoad prints the peak heap of a bridge in two cases
+// that used to cost a copy of the queued frames per browser: 400 browsers
+// that stop reading while one sender sends 64 KiB lines within the rate
+// limit (2.3 GB before frames were shared), and 100 browsers that each
+// send one 64 KiB line (908 MB before).
+func BenchmarkMemoryUnderLoad(b *testing.B) {
+	run := func(b *testing.B, browsers int, load func(conns []*websocket.Conn)) {
+		broker := NewBroker(BrokerConfig{})
+		defer broker.Close()
+		amqpCfg := testAMQPConfig("amqp://guest:guest@embedded/", "memory")
+		amqpCfg.Dial = broker.Dial
+		wsCfg := testWSConfig()
+		wsCfg.MaxConns, wsCfg.MaxConnsPerIP = browsers+1, browsers+1
+		bus := NewBus(nil)
+		br := newBridge(bus, amqpCfg, wsCfg)
+		server := httptest.NewServer(br.handler)
+		defer server.Close()
+		must(b, bus.Start())
+		defer bus.Exit()
+		for range b.N {
+			conns := make([]*websocket.Conn, browsers)
+			for i := range conns {
+				c, _, err := websocket.DefaultDialer.Dial(wsURL(server), nil)
+				must(b, err)
+				conns[i] = c
+			}
+			base := heapInUse()
+			var peak atomic.Uint64
+			stop := make(chan struct{})
+			sampled := make(chan struct{})
+			go func() {
+				defer close(sampled)
+				tick := time.NewTicker(5 * time.Millisecond)
+				defer tick.Stop()
+				for {
+					var m runtime.MemStats
+					runtime.ReadMemStats(&m)
+					if m.HeapAlloc > peak.Load() {
+						peak.Store(m.HeapAlloc)
+					}
+					select {
+					case <-stop:
+						return
+					case <-tick.C:
+					}
+				}
+			}()
+			load(conns)
+			close(stop)
+			<-sampled
+			b.ReportMetric(float64(peak.Load())/(1<<20), "MiB-peak-heap")
+			b.ReportMetric(float64(peak.Load()-min(peak.Load(), base))/(1<<20), "MiB-above-idle")
+			for _, c := range conns {
+				c.Close()
+			}
+			poll(b, "the hub is empty", func() bool { return br.hub.Clients() == 0 })
+		}
+	}
+	line := strings.Repeat("x", 64<<10-16)
+	b.Run("400-stuck-readers", func(b *testing.B) {
+		run(b, 401, func(conns []*websocket.Conn) {
+			sender := conns[0] // the others never read
+			const lines = 500  // the whole burst the rate limit allows
+			got := make(chan struct{})
+			go func() {
+				defer close(got)
+				sender.SetReadDeadline(time.Now().Add(waitFor))
+				for range lines {
+					if _, _, err := sender.ReadMessage(); err != nil {
+						return
+					}
+				}
+			}()
+			for i := range lines {
+				if sender.WriteMessage(websocket.TextMessage, []byte(fmt.Sprint(i, line))) != nil {
+					break
+				}
+			}
+			<-got
+		})
+	})
+	b.Run("100-senders-one-line", func(b *testing.B) {
+		run(b, 100, func(conns []*websocket.Conn) {
+			var wg sync.WaitGroup
+			for i, c := range conns {
+				wg.Go(func() {
+					c.WriteMessage(websocket.TextMessage, []byte(fmt.Sprint(i, line)))
+					c.SetReadDeadline(time.Now().Add(waitFor))
+					for range conns {
+						if _, _, err := c.ReadMessage(); err != nil {
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+		})
+	})
 }

@@ -621,9 +621,10 @@ type proxy struct {
 	ln     net.Listener
 	target string
 
-	mu    sync.Mutex // guards up and conns
-	up    bool
-	conns []net.Conn
+	mu      sync.Mutex // guards up, conns and flowing
+	up      bool
+	conns   []net.Conn
+	flowing chan struct{} // closed while bytes flow; open while stalled
 }
 
 // newProxy listens on a loopback port and forwards to target.
@@ -633,7 +634,8 @@ func newProxy(t *testing.T, target string) *proxy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &proxy{ln: ln, target: target, up: true}
+	p := &proxy{ln: ln, target: target, up: true, flowing: make(chan struct{})}
+	close(p.flowing)
 	go p.serve()
 	t.Cleanup(func() { ln.Close(); p.cut() })
 	return p
@@ -661,9 +663,41 @@ func (p *proxy) serve() {
 		}
 		p.conns = append(p.conns, c, up)
 		p.mu.Unlock()
-		go func() { io.Copy(up, c); up.Close() }()
-		go func() { io.Copy(c, up); c.Close() }()
+		go func() { p.copy(up, c); up.Close() }()
+		go func() { p.copy(c, up); c.Close() }()
 	}
+}
+
+// copy forwards src to dst, holding each chunk while the proxy is
+// stalled.
+func (p *proxy) copy(dst io.Writer, src io.Reader) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			p.mu.Lock()
+			flowing := p.flowing
+			p.mu.Unlock()
+			<-flowing
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// stall stops forwarding without closing anything, as a broker that stops
+// reading its sockets (RabbitMQ does, to blocked connections). The test's
+// cleanup lets it flow again.
+func (p *proxy) stall(t *testing.T) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	flowing := make(chan struct{})
+	p.flowing = flowing
+	t.Cleanup(func() { close(flowing) })
 }
 
 // cut drops every connection and refuses new ones until restore.

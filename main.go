@@ -114,7 +114,7 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.IntVar(&cfg.ws.SendQueue, "send-queue", 4096, "`messages` queued for one browser before it is cut off as too slow")
 	fs.Int64Var(&cfg.ws.SendQueueBytes, "send-queue-bytes", 1<<20, "`bytes` queued for one browser before it is cut off as too slow")
 	fs.IntVar(&cfg.ws.MaxConns, "max-conns", 10000, "browsers connected at once; more are refused with 503")
-	fs.IntVar(&cfg.ws.MaxConnsPerIP, "max-conns-per-ip", 100, "browsers connected at once from one IP address; more are refused with 429")
+	fs.IntVar(&cfg.ws.MaxConnsPerIP, "max-conns-per-ip", 1024, "browsers connected at once from one IP address (behind a proxy on this machine, all come from loopback: raise it to -max-conns); more are refused with 429")
 	fs.Float64Var(&cfg.ws.Rate, "rate", 50, "`messages` (pings included) a second one browser may send on average; more close with 1008 (0: no limit)")
 	fs.IntVar(&cfg.ws.Burst, "burst", 500, "`messages` one browser may send at once above -rate")
 	fs.DurationVar(&cfg.readHeaderTimeout, "read-header-timeout", 5*time.Second, "how long a client gets to send its HTTP request headers")
