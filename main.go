@@ -145,6 +145,10 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.IntVar(&cfg.broker.MaxExchanges, "broker-max-exchanges", 10_000, "embedded broker: exchanges at once")
 	fs.IntVar(&cfg.broker.MaxConsumers, "broker-max-consumers", 100_000, "embedded broker: consumers at once")
 
+	for _, r := range flagRanges {
+		f := fs.Lookup(r.name)
+		f.Usage += fmt.Sprintf(" [%v, %v]", r.min, r.max)
+	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return cfg, err
@@ -154,8 +158,8 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	if fs.NArg() > 0 {
 		return cfg, fmt.Errorf("%w: unexpected arguments: %q", errUsage, fs.Args())
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	set := flagSet{fs, map[string]bool{}}
+	fs.Visit(func(f *flag.Flag) { set.given[f.Name] = true })
 	// Secrets are read after parsing, not as the flags' defaults, which
 	// -h would print, passwords and all.
 	urlFlag := "amqp"
@@ -177,6 +181,74 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	return cfg, nil
 }
 
+// flagSet is the parsed flags, with which of them the command line gave.
+type flagSet struct {
+	*flag.FlagSet
+	given map[string]bool
+}
+
+// flagRange is the range a numeric flag must be in. -h shows it after the
+// flag's usage, and parseFlags refuses a value outside it.
+type flagRange struct {
+	name     string
+	min, max any // of the flag's own type: int, int64, float64 or time.Duration
+}
+
+// flagRanges are the ranges of the numeric flags: wide enough for any
+// sensible deployment, narrow enough that no value breaks an assumption
+// (a ticker of 0, a queue of -1, RabbitMQ's 32-bit milliseconds).
+var flagRanges = []flagRange{
+	{"max-message", int64(1), int64(16 << 20)},
+	{"send-queue", 1, 1 << 20},
+	{"send-queue-bytes", int64(1 << 10), int64(1 << 30)},
+	{"max-conns", 1, 1 << 20},
+	{"max-conns-per-ip", 1, 1 << 20},
+	{"rate", 0.0, 1e6},
+	{"burst", 1, 1 << 20},
+	{"max-header-bytes", 1 << 10, 1 << 20},
+	{"read-header-timeout", time.Millisecond, time.Hour},
+	{"write-wait", time.Millisecond, time.Hour},
+	{"pong-wait", 2 * time.Millisecond, 24 * time.Hour},
+	{"outbox", 1, 1 << 20},
+	{"outbox-bytes", int64(1 << 10), int64(1 << 32)},
+	{"prefetch", 1, 65535},
+	{"queue-expires", time.Second, 24 * time.Hour}, // RabbitMQ takes milliseconds in 32 bits
+	{"queue-length", 1, math.MaxInt32},
+	{"max-backoff", 100 * time.Millisecond, time.Hour},
+	{"drain-timeout", time.Duration(0), time.Hour},
+	{"shutdown-timeout", time.Duration(0), time.Hour},
+	{"broker-max-queue", 1, math.MaxInt32},
+	{"broker-max-queue-bytes", int64(1 << 10), int64(1 << 40)},
+	{"broker-max-memory", int64(1 << 20), int64(1 << 40)},
+	{"broker-max-conns", 1, 1 << 20},
+	{"broker-channel-max", 1, 65535},
+	{"broker-max-queues", 1, 1 << 24},
+	{"broker-max-exchanges", 5, 1 << 24}, // the default exchange and amq.* count too
+	{"broker-max-consumers", 1, 1 << 24},
+}
+
+// check refuses f's value if it is outside r.
+func (r flagRange) check(f *flag.Flag) error {
+	v := f.Value.(flag.Getter).Get()
+	var out bool
+	switch v := v.(type) {
+	case int:
+		out = v < r.min.(int) || v > r.max.(int)
+	case int64:
+		out = v < r.min.(int64) || v > r.max.(int64)
+	case float64:
+		out = !(v >= r.min.(float64) && v <= r.max.(float64)) // NaN is out too
+	case time.Duration:
+		out = v < r.min.(time.Duration) || v > r.max.(time.Duration)
+	default:
+		panic(fmt.Sprintf("flag -%s: no range check for %T", r.name, v))
+	}
+	if out {
+		return usageError(r.name, "%v is out of range [%v, %v]", v, r.min, r.max)
+	}
+	return nil
+}
+
 // splitList splits a comma-separated flag value, dropping empty items.
 func splitList(s string) []string {
 	var items []string
@@ -190,58 +262,13 @@ func splitList(s string) []string {
 
 // validate checks every value against its range. set says which flags
 // the command line gave; urlFlag names where the AMQP URL came from.
-func (cfg *config) validate(set map[string]bool, urlFlag string) error {
-	type bound struct {
-		name     string
-		v        int64
-		min, max int64
-	}
-	for _, b := range []bound{
-		{"max-message", cfg.ws.MaxMessage, 1, 16 << 20},
-		{"send-queue", int64(cfg.ws.SendQueue), 1, 1 << 20},
-		{"send-queue-bytes", cfg.ws.SendQueueBytes, 1 << 10, 1 << 30},
-		{"max-conns", int64(cfg.ws.MaxConns), 1, 1 << 20},
-		{"max-conns-per-ip", int64(cfg.ws.MaxConnsPerIP), 1, 1 << 20},
-		{"burst", int64(cfg.ws.Burst), 1, 1 << 20},
-		{"max-header-bytes", int64(cfg.maxHeaderBytes), 1 << 10, 1 << 20},
-		{"outbox", int64(cfg.amqp.Outbox), 1, 1 << 20},
-		{"outbox-bytes", cfg.amqp.OutboxBytes, 1 << 10, 1 << 32},
-		{"prefetch", int64(cfg.amqp.Prefetch), 1, 65535},
-		{"queue-length", int64(cfg.amqp.QueueLength), 1, math.MaxInt32},
-		{"broker-max-queue", int64(cfg.broker.MaxQueueLength), 1, math.MaxInt32},
-		{"broker-max-queue-bytes", cfg.broker.MaxQueueBytes, 1 << 10, 1 << 40},
-		{"broker-max-memory", cfg.broker.MaxMemory, 1 << 20, 1 << 40},
-		{"broker-max-conns", int64(cfg.broker.MaxConns), 1, 1 << 20},
-		{"broker-channel-max", int64(cfg.broker.ChannelMax), 1, 65535},
-		{"broker-max-queues", int64(cfg.broker.MaxQueues), 1, 1 << 24},
-		{"broker-max-exchanges", int64(cfg.broker.MaxExchanges), 5, 1 << 24},
-		{"broker-max-consumers", int64(cfg.broker.MaxConsumers), 1, 1 << 24},
-	} {
-		if b.v < b.min || b.v > b.max {
-			return usageError(b.name, "%d is out of range [%d, %d]", b.v, b.min, b.max)
-		}
-	}
-	type span struct {
-		name     string
-		v        time.Duration
-		min, max time.Duration
-	}
-	for _, d := range []span{
-		{"read-header-timeout", cfg.readHeaderTimeout, time.Millisecond, time.Hour},
-		{"write-wait", cfg.ws.WriteWait, time.Millisecond, time.Hour},
-		{"pong-wait", cfg.ws.PongWait, time.Millisecond, 24 * time.Hour},
-		{"queue-expires", cfg.amqp.QueueExpires, time.Second, 24 * time.Hour}, // RabbitMQ takes milliseconds in 32 bits
-		{"max-backoff", cfg.amqp.MaxBackoff, 100 * time.Millisecond, time.Hour},
-		{"drain-timeout", cfg.amqp.DrainTimeout, 0, time.Hour},
-		{"shutdown-timeout", cfg.shutdownTimeout, 0, time.Hour},
-	} {
-		if d.v < d.min || d.v > d.max {
-			return usageError(d.name, "%v is out of range [%v, %v]", d.v, d.min, d.max)
+func (cfg *config) validate(set flagSet, urlFlag string) error {
+	for _, r := range flagRanges {
+		if err := r.check(set.Lookup(r.name)); err != nil {
+			return err
 		}
 	}
 	switch {
-	case math.IsNaN(cfg.ws.Rate) || cfg.ws.Rate < 0 || cfg.ws.Rate > 1e6:
-		return usageError("rate", "%g is out of range [0, 1e6] (0: no limit)", cfg.ws.Rate)
 	case cfg.ws.PongWait < 2*cfg.ws.WriteWait:
 		return usageError("pong-wait", "%v must be at least twice -write-wait (%v): a ping may wait behind one write", cfg.ws.PongWait, cfg.ws.WriteWait)
 	case cfg.ws.SendQueueBytes < cfg.ws.MaxMessage:
@@ -265,7 +292,7 @@ func (cfg *config) validate(set map[string]bool, urlFlag string) error {
 		}
 	}
 	if cfg.amqp.URL != "" {
-		if set["broker-listen"] {
+		if set.given["broker-listen"] {
 			return usageError("broker-listen", "serves the embedded broker, which is not used with -amqp or $AMQP_URL")
 		}
 		// A URL that does not parse is never printed: it may hold a

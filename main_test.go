@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"net/http"
 	"regexp"
 	"strings"
@@ -116,12 +117,21 @@ func TestHelpListsEveryLimit(t *testing.T) {
 	}
 	for _, f := range []string{"-addr", "-amqp", "-exchange", "-origin", "-max-message", "-send-queue", "-max-conns",
 		"-write-wait", "-pong-wait", "-outbox", "-prefetch", "-max-backoff", "-drain-timeout", "-shutdown-timeout",
-		"-rate", "-burst", "-read-header-timeout", "-queue-expires", "-queue-length", "-broker-listen", "-broker-max-queue", "-log-level"} {
+		"-rate", "-burst", "-read-header-timeout", "-queue-expires", "-queue-length", "-broker-listen", "-broker-max-queue", "-log-level",
+		"-hosts", "-send-queue-bytes", "-max-conns-per-ip", "-max-header-bytes", "-outbox-bytes", "-broker-user", "-broker-password",
+		"-broker-max-queue-bytes", "-broker-max-memory", "-broker-max-conns", "-broker-channel-max", "-broker-max-queues",
+		"-broker-max-exchanges", "-broker-max-consumers"} {
 		if !strings.Contains(out.String(), "  "+f+" ") {
 			t.Errorf("-h does not list %s", f)
 		}
 	}
 	if strings.Contains(out.String(), "hunter2") {
 		t.Error("-h prints the password from AMQP_URL")
+	}
+	// Every numeric limit shows its range.
+	for _, r := range flagRanges {
+		if !strings.Contains(out.String(), fmt.Sprintf("[%v, %v]", r.min, r.max)) {
+			t.Errorf("-h does not show the range of -%s", r.name)
+		}
 	}
 }
