@@ -135,6 +135,9 @@ func (ch *brokerChannel) requeue(ds []delivery) {
 		if d.consumer != nil {
 			d.consumer.unacked--
 		}
+		if d.queue.stream != nil {
+			continue // a stream keeps its messages: nothing to put back
+		}
 		if b.queues[d.queue.name] != d.queue {
 			b.held -= d.msg.size()
 			continue

@@ -6,6 +6,7 @@ package main
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -165,7 +166,13 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 			return channelError(replyPreconditionFailed, m, "cannot declare queue '%s' in vhost '/': queue limit (%d) is reached", name, b.cfg.MaxQueues)
 		default:
 			q = &queue{name: name, durable: durable, autoDelete: autoDelete, maxLength: b.cfg.MaxQueueLength, maxBytes: b.cfg.MaxQueueBytes}
-			if err := q.applyArguments(args, m); err != nil {
+			var err *amqpError
+			if args["x-queue-type"] == "stream" {
+				err = newStream(q, durable, exclusive, autoDelete, args, m)
+			} else {
+				err = q.applyArguments(args, m)
+			}
+			if err != nil {
 				return err
 			}
 			if exclusive {
@@ -216,6 +223,9 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		q, err := ch.findQueue(m, qname)
 		if err != nil {
 			return err
+		}
+		if q.stream != nil {
+			return connectionError(replyNotImplemented, m, "queue.purge not supported by stream queues queue '%s' in vhost '/'", q.name)
 		}
 		n := len(q.messages)
 		b.held -= q.bytes
@@ -280,9 +290,22 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if err != nil {
 			return err
 		}
-		for _, arg := range []string{"x-priority", "x-stream-offset", "x-cancel-on-ha-failover"} {
+		for _, arg := range []string{"x-priority", "x-cancel-on-ha-failover"} {
 			if _, ok := args[arg]; ok {
 				return connectionError(replyNotImplemented, m, "consumer argument %s is not implemented by the embedded broker", arg)
+			}
+		}
+		var offset uint64
+		if q.stream != nil {
+			switch {
+			case noAck:
+				return connectionError(replyNotImplemented, m, "automatic acknowledgement not supported by stream queues queue '%s' in vhost '/'", q.name)
+			case ch.consumerPrefetch == 0:
+				return channelError(replyPreconditionFailed, m, "consumer prefetch count is not set for 'queue '%s' in vhost '/''", q.name)
+			}
+			var ok bool
+			if offset, ok = streamStart(q.stream, args["x-stream-offset"], time.Now()); !ok {
+				return channelError(replyInternalError, m, "INTERNAL_ERROR")
 			}
 		}
 		if tag == "" {
@@ -297,7 +320,7 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if b.consumers >= b.cfg.MaxConsumers {
 			return channelError(replyPreconditionFailed, m, "cannot consume from queue '%s': consumer limit (%d) is reached", q.name, b.cfg.MaxConsumers)
 		}
-		cons := &consumer{tag: tag, ch: ch, queue: q, noAck: noAck, exclusive: exclusive, prefetch: ch.consumerPrefetch}
+		cons := &consumer{tag: tag, ch: ch, queue: q, noAck: noAck, exclusive: exclusive, prefetch: ch.consumerPrefetch, offset: offset}
 		ch.consumers[tag] = cons
 		b.addConsumer(cons)
 		reply(noWait, basicConsumeOk, func(w *wireWriter) { w.shortstr(tag) })
@@ -349,6 +372,9 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		q, err := ch.findQueue(m, qname)
 		if err != nil {
 			return err
+		}
+		if q.stream != nil {
+			return connectionError(replyNotImplemented, m, "basic.get not supported by stream queues queue '%s' in vhost '/'", q.name)
 		}
 		b.trim(q, time.Now()) // expired messages are never got
 		b.use(q)
@@ -461,7 +487,7 @@ var queueArguments = []string{"x-max-length", "x-max-length-bytes", "x-overflow"
 
 // unimplementedQueueArguments are RabbitMQ's queue arguments that the
 // embedded broker does not implement.
-var unimplementedQueueArguments = []string{"x-max-priority", "x-single-active-consumer", "x-max-age", "x-stream-max-segment-size-bytes", "x-initial-cluster-size", "x-delivery-limit", "x-quorum-initial-group-size", "x-dead-letter-strategy", "x-queue-leader-locator", "x-queue-master-locator"}
+var unimplementedQueueArguments = []string{"x-max-priority", "x-single-active-consumer", "x-delivery-limit", "x-quorum-initial-group-size", "x-dead-letter-strategy", "x-queue-master-locator"}
 
 // applyArguments reads the queue arguments, refusing with RabbitMQ's
 // error those it does not implement.
@@ -476,6 +502,11 @@ func (q *queue) applyArguments(args Table, m method) *amqpError {
 	}
 	if v, ok := args["x-queue-type"]; ok && v != "classic" {
 		return connectionError(replyNotImplemented, m, "queue type '%v' is not implemented by the embedded broker", v)
+	}
+	for _, arg := range []string{"x-max-age", "x-stream-max-segment-size-bytes", "x-initial-cluster-size", "x-queue-leader-locator"} {
+		if _, ok := args[arg]; ok {
+			return channelError(replyPreconditionFailed, m, "invalid arg '%s' for queue '%s' in vhost '/': only streams take it", arg, q.name)
+		}
 	}
 	if v, ok := args["x-max-length"]; ok {
 		n, ok := asInt(v)
@@ -541,9 +572,16 @@ func (q *queue) applyArguments(args Table, m method) *amqpError {
 // does: a difference in any argument it implements closes the channel
 // with 406.
 func (q *queue) equivalent(args Table, m method) *amqpError {
-	for _, arg := range queueArguments {
+	known := queueArguments
+	if q.stream != nil {
+		known = slices.Sorted(maps.Keys(streamArguments))
+	}
+	for _, arg := range known {
 		have, had := q.args[arg]
 		got, gets := args[arg]
+		if arg == "x-queue-type" && q.stream == nil {
+			have, had, got, gets = "classic", true, cmp.Or(got, any("classic")), true // no type means classic
+		}
 		if had != gets || fmt.Sprint(normalize(have)) != fmt.Sprint(normalize(got)) {
 			return channelError(replyPreconditionFailed, m, "inequivalent arg '%s' for queue '%s' in vhost '/': received %s but current is %s", arg, q.name, describeArg(got, gets), describeArg(have, had))
 		}
@@ -671,6 +709,9 @@ func (ch *brokerChannel) settle(m method, tag uint64, multiple, requeue bool) *a
 		for _, d := range done {
 			if d.consumer != nil {
 				d.consumer.unacked--
+			}
+			if d.queue.stream != nil {
+				continue // acknowledgements on a stream only give back credit
 			}
 			b.held -= d.msg.size()
 			if m != basicAck {

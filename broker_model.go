@@ -211,6 +211,7 @@ type queue struct {
 	hasTTL     bool
 	deadLetter *deadLetter // x-dead-letter-exchange and -routing-key; nil for none
 	bound      bindingSet  // the bindings that lead here
+	stream     *streamLog  // the log of a stream queue (x-queue-type stream); nil for a classic queue
 
 	lastUsed time.Time   // for x-expires
 	expiry   *time.Timer // the one timer that expires the queue; nil until first needed
@@ -240,8 +241,9 @@ type consumer struct {
 	noAck     bool
 	exclusive bool
 	prefetch  int // basic.qos global=false at the time it was created; 0 none
-	unacked   int // its deliveries not yet acknowledged
-	index     int // position in queue.consumers
+	unacked   int    // its deliveries not yet acknowledged
+	index     int    // position in queue.consumers
+	offset    uint64 // on a stream, the offset it reads next
 }
 
 // canTake reports whether c may receive another delivery.
@@ -260,6 +262,10 @@ func (q *queue) full(extra int64) bool {
 // consumer takes at once is delivered even by a queue of length 0, as in
 // RabbitMQ.
 func (b *Broker) enqueue(q *queue, msg *message, now time.Time) bool {
+	if q.stream != nil {
+		b.appendStream(q, msg, now)
+		return true
+	}
 	if q.rejectNew && q.full(msg.size()) {
 		return false
 	}
@@ -353,6 +359,10 @@ func (b *Broker) requeue(q *queue, msgs []*message) {
 // dropped, never delivered. Then it trims q to its limits: a consumer that
 // waits gets a message even from a full queue, or one of length 0.
 func (b *Broker) dispatch(q *queue) {
+	if q.stream != nil {
+		b.dispatchStream(q)
+		return
+	}
 	now := time.Now()
 	defer b.trim(q, now)
 	for len(q.consumers) > 0 {
@@ -500,6 +510,10 @@ func (b *Broker) deleteQueue(q *queue) int {
 		b.unbind(bd.binding)
 	}
 	n := len(q.messages)
+	if q.stream != nil {
+		n = len(q.stream.entries)
+		q.stream.entries = nil
+	}
 	b.held -= q.bytes
 	q.messages, q.bytes = nil, 0
 	return n
