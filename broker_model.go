@@ -240,7 +240,7 @@ type consumer struct {
 	queue     *queue
 	noAck     bool
 	exclusive bool
-	prefetch  int // basic.qos global=false at the time it was created; 0 none
+	prefetch  int    // basic.qos global=false at the time it was created; 0 none
 	unacked   int    // its deliveries not yet acknowledged
 	index     int    // position in queue.consumers
 	offset    uint64 // on a stream, the offset it reads next
