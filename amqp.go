@@ -5,6 +5,7 @@ package main
 // messages between the broker and the bus with amqp2ws and ws2amqp.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -22,8 +23,8 @@ import (
 
 // The bus channels between the AMQP plugin and the WebSocket side.
 const (
-	ChannelAMQP2WS = "amqp2ws" // args: body []byte, a message from the broker for every browser
-	ChannelWS2AMQP = "ws2amqp" // args: body []byte, a message from one browser for the broker; cancel <-chan struct{}, closed when the browser is gone
+	ChannelAMQP2WS = "amqp2ws" // args: msg Message, a message from the stream for the browsers of its room
+	ChannelWS2AMQP = "ws2amqp" // args: body []byte, room string, cancel <-chan struct{} (closed when the browser is gone): a message from one browser for the broker
 )
 
 // Bus priorities of the AMQP plugin. The broker link comes up before the
@@ -55,11 +56,15 @@ type AMQPConfig struct {
 	// The embedded broker sets it to connect in-process.
 	Dial func(network, addr string) (net.Conn, error)
 
+	Stream       string        // the stream bound to the exchange, read by every bridge process
+	StreamBytes  int64         // the stream's retention in bytes (x-max-length-bytes), when this process declares it
+	StreamAge    string        // the stream's retention in age (x-max-age, "7D"), when this process declares it
+	SegmentBytes int64         // the stream's segment size: retention drops whole segments
 	Prefetch     int           // deliveries in flight from the broker to this process
 	Outbox       int           // browser messages held for the broker
 	OutboxBytes  int64         // browser message bytes held for the broker
-	QueueExpires time.Duration // how long this process's queue outlives a lost connection
-	QueueLength  int           // messages this process's queue holds while it is away
+	ReplayBytes  int64         // bounds what one replay from the stream reads
+	StreamWait   time.Duration // how long a read waits for a delivery before it takes the stream to have no more
 	MaxBackoff   time.Duration // longest wait between two reconnection attempts
 	DrainTimeout time.Duration // bounds how long Stop waits for outstanding confirms
 }
@@ -69,15 +74,15 @@ type AMQPConfig struct {
 // connection leaves little to publish again.
 const maxBatch = 256
 
-// AMQPPlugin moves messages between the bus and an AMQP exchange. Each
-// process has its own queue bound to the exchange, so every process sees
-// every message; browser messages go out with publisher confirms, and wait
-// in a bounded outbox while the broker is away.
+// AMQPPlugin moves messages between the bus and an AMQP exchange. The
+// exchange feeds a stream that every process reads, so every process sees
+// every message, each at the same offset; browser messages go out with
+// publisher confirms, and wait in a bounded outbox while the broker is
+// away.
 type AMQPPlugin struct {
-	bus   *Bus
-	cfg   AMQPConfig
-	id    string // prefix of message ids, unique to this plugin
-	queue string // this process's queue, the same across reconnections
+	bus *Bus
+	cfg AMQPConfig
+	id  string // prefix of message ids, unique to this plugin
 
 	// outbox is buffered to cfg.Outbox: browser messages wait there for
 	// the publisher. When it is full, in messages or in bytes, a sender
@@ -89,7 +94,8 @@ type AMQPPlugin struct {
 	// mu guards the fields below it.
 	mu          sync.Mutex
 	outboxBytes int64         // bytes of the messages in outbox
-	room        chan struct{} // closed and replaced when the outbox has room again or the link changes
+	space       chan struct{} // closed and replaced when the outbox has space again or the link changes
+	current     *session      // the session up now, for replays; nil while away
 	stopped     bool          // ws2amqp refuses new messages
 	stopping    chan struct{} // closed by Stop: drain the outbox and leave
 	done        chan struct{} // closed when the supervising goroutine returns
@@ -100,9 +106,29 @@ type AMQPPlugin struct {
 	// next session. Only the supervising goroutine touches it.
 	retry []outgoing
 
-	// seen drops redeliveries of messages already handed to the bus.
-	// Only the consuming goroutine touches it.
+	// seen drops redeliveries of messages already handed to the bus, and
+	// next is the stream offset to read from after a reconnection. Only
+	// the consuming goroutine touches them, one session at a time.
 	seen *dedupe
+	next int64 // -1 until the first delivery: then read from "first"
+
+	// caughtUp is closed once the consumer has read the stream as far as
+	// it reached when the plugin started; until then, what it reads is
+	// history.
+	caughtUp     chan struct{}
+	caughtUpOnce sync.Once
+
+	// replaying holds a token for each replay reading the stream; its
+	// capacity, replays, bounds them.
+	replaying chan struct{}
+}
+
+// Message is a chat line as read from the stream: its offset, the room it
+// was sent to (the routing key; empty means the lobby), and its payload.
+type Message struct {
+	Offset int64
+	Room   string
+	Body   []byte
 }
 
 // outgoing is a browser message on its way to the exchange. Its id is
@@ -110,6 +136,7 @@ type AMQPPlugin struct {
 // keeps it, and consumers can drop the duplicate.
 type outgoing struct {
 	id   string
+	room string
 	body []byte
 }
 
@@ -117,13 +144,15 @@ type outgoing struct {
 func NewAMQPPlugin(b *Bus, cfg AMQPConfig) *AMQPPlugin {
 	id := strconv.FormatUint(rand.Uint64(), 36)
 	return &AMQPPlugin{
-		bus:    b,
-		cfg:    cfg,
-		id:     id,
-		queue:  "wsamqp-" + id,
-		outbox: make(chan outgoing, cfg.Outbox),
-		room:   make(chan struct{}),
-		seen:   newDedupe(),
+		bus:       b,
+		cfg:       cfg,
+		id:        id,
+		outbox:    make(chan outgoing, cfg.Outbox),
+		space:     make(chan struct{}),
+		seen:      newDedupe(),
+		next:      -1,
+		caughtUp:  make(chan struct{}),
+		replaying: make(chan struct{}, replays),
 	}
 }
 
@@ -132,11 +161,12 @@ func (p *AMQPPlugin) Subscribe() {
 	p.bus.Subscribe(ChannelStart, "amqp", PriorityAMQPStart, func(...any) (any, error) { return nil, p.Start() })
 	p.bus.Subscribe(ChannelStop, "amqp", PriorityAMQPStop, func(...any) (any, error) { return nil, p.Stop() })
 	p.bus.Subscribe(ChannelWS2AMQP, "amqp", DefaultPriority, func(args ...any) (any, error) {
-		var cancel <-chan struct{}
-		if len(args) > 1 {
-			cancel, _ = args[1].(<-chan struct{})
-		}
-		return nil, p.ws2amqp(args[0].([]byte), cancel)
+		room, _ := args[1].(string)
+		cancel, _ := args[2].(<-chan struct{})
+		return nil, p.ws2amqp(args[0].([]byte), room, cancel)
+	})
+	p.bus.Subscribe(ChannelReplay, "amqp", DefaultPriority, func(args ...any) (any, error) {
+		return p.replay(args[0].(ReplayRequest))
 	})
 }
 
@@ -197,7 +227,7 @@ func (p *AMQPPlugin) Stop() error {
 // takes is slowed down (its reader stops reading) rather than anyone
 // being cut off; while the broker is away it refuses at once with
 // ErrOutboxFull. cancel (nil for none) ends the wait with ErrGaveUp.
-func (p *AMQPPlugin) ws2amqp(body []byte, cancel <-chan struct{}) error {
+func (p *AMQPPlugin) ws2amqp(body []byte, room string, cancel <-chan struct{}) error {
 	size := int64(len(body))
 	p.mu.Lock()
 	for {
@@ -212,10 +242,10 @@ func (p *AMQPPlugin) ws2amqp(body []byte, cancel <-chan struct{}) error {
 			p.mu.Unlock()
 			return ErrOutboxFull
 		}
-		room, stopping := p.room, p.stopping
+		space, stopping := p.space, p.stopping
 		p.mu.Unlock()
 		select {
-		case <-room:
+		case <-space:
 		case <-stopping:
 		case <-cancel:
 			return ErrGaveUp
@@ -224,7 +254,7 @@ func (p *AMQPPlugin) ws2amqp(body []byte, cancel <-chan struct{}) error {
 	}
 	defer p.mu.Unlock()
 	p.outboxBytes += size
-	p.outbox <- outgoing{id: p.id + "-" + strconv.FormatUint(p.seq.Add(1), 36), body: body} // never blocks: there is room, under p.mu
+	p.outbox <- outgoing{id: p.id + "-" + strconv.FormatUint(p.seq.Add(1), 36), room: room, body: body} // never blocks: there is room, under p.mu
 	return nil
 }
 
@@ -244,8 +274,8 @@ func (p *AMQPPlugin) took(msgs []outgoing) {
 // wakeSenders wakes the senders waiting for room, to look again. p.mu is
 // held.
 func (p *AMQPPlugin) wakeSenders() {
-	close(p.room)
-	p.room = make(chan struct{})
+	close(p.space)
+	p.space = make(chan struct{})
 }
 
 // setUp records whether the link is up; senders waiting for room look
@@ -257,14 +287,31 @@ func (p *AMQPPlugin) setUp(up bool) {
 	p.mu.Unlock()
 }
 
-// amqp2ws hands a broker message to the bus for every browser, unless it
-// is a redelivery of one already handed over; it runs on the consuming
-// goroutine.
+// amqp2ws hands a message from the stream to the bus for the browsers of
+// its room, unless it repeats one already handed over (a republished
+// copy); it runs on the consuming goroutine.
 func (p *AMQPPlugin) amqp2ws(d amqp.Delivery) {
+	offset, ok := streamOffset(d)
+	if !ok {
+		p.bus.Log("amqp delivery without a stream offset dropped", slog.LevelWarn, "exchange", d.Exchange)
+		return
+	}
+	p.next = offset + 1
 	if d.AppId == "wsamqp" && p.seen.duplicate(d.MessageId, d.Body) {
 		return
 	}
-	p.bus.Publish(ChannelAMQP2WS, d.Body)
+	p.bus.Publish(ChannelAMQP2WS, Message{Offset: offset, Room: cmp.Or(d.RoutingKey, LobbyRoom), Body: d.Body})
+}
+
+// streamOffset returns a delivery's offset in its stream.
+func streamOffset(d amqp.Delivery) (int64, bool) {
+	switch v := d.Headers["x-stream-offset"].(type) {
+	case int64:
+		return v, true
+	case int32:
+		return int64(v), true
+	}
+	return 0, false
 }
 
 // session is one connection to the broker with its two AMQP channels: one
@@ -275,14 +322,15 @@ type session struct {
 	raw        net.Conn // conn's network connection, to cut when a drain runs out of time
 	consumer   *amqp.Channel
 	publisher  *amqp.Channel
-	queue      string
 	tag        string
 	deliveries <-chan amqp.Delivery
 	consumed   chan struct{} // closed when deliveries is closed and drained
+	lastAtDial int64         // the stream's last offset when the first session began; -1 if empty or unknown
 }
 
-// dial connects and declares the topology: the fanout exchange, this
-// process's queue bound to it, and a consumer.
+// dial connects and declares the topology: the fanout exchange, the stream
+// bound to it, and a consumer that reads the stream from where this
+// process left off (from the first message kept, the first time).
 func (p *AMQPPlugin) dial() (*session, error) {
 	cfg := amqp.Config{
 		Dial:       p.cfg.Dial,
@@ -303,24 +351,38 @@ func (p *AMQPPlugin) dial() (*session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("amqp dial %s: %w", RedactURL(p.cfg.URL), err)
 	}
-	s := &session{conn: conn, raw: raw, queue: p.queue, tag: "wsamqp-" + p.id, consumed: make(chan struct{})}
-	if err := s.declare(p.cfg); err != nil {
+	s := &session{conn: conn, raw: raw, tag: "wsamqp-" + p.id, consumed: make(chan struct{}), lastAtDial: -1}
+	if err := p.declare(s); err != nil {
 		conn.Close()
 		return nil, err
 	}
+	p.mu.Lock()
+	p.current = s
+	p.mu.Unlock()
 	p.setUp(true)
-	p.bus.Log("amqp connected", slog.LevelInfo, "url", RedactURL(p.cfg.URL), "exchange", p.cfg.Exchange, "queue", s.queue)
+	p.bus.Log("amqp connected", slog.LevelInfo, "url", RedactURL(p.cfg.URL), "exchange", p.cfg.Exchange, "stream", p.cfg.Stream, "from", p.startOffset())
 	return s, nil
 }
 
-// declare opens the session's AMQP channels and declares its topology.
+// startOffset is where the consumer starts reading the stream: after the
+// last message this process handled, or the first message kept.
+func (p *AMQPPlugin) startOffset() any {
+	if p.next >= 0 {
+		return p.next
+	}
+	return "first"
+}
+
+// declare opens the session's AMQP channels, declares the topology and
+// starts consuming.
 //
-// The queue is not exclusive: an exclusive queue goes with its connection,
-// and with it every message routed to it but not yet delivered. This one
-// outlives a lost connection by cfg.QueueExpires (RabbitMQ's x-expires),
-// so a reconnection finds what was sent meanwhile, up to cfg.QueueLength
-// messages; Stop deletes it.
-func (s *session) declare(cfg AMQPConfig) error {
+// The stream is declared passively first: a stream that exists is used as
+// it is, whatever arguments it was declared with (a replicated one, say),
+// since RabbitMQ refuses a redeclaration with other arguments (406
+// inequivalent arg) and closes the channel. Only a missing stream is
+// declared, with this process's retention.
+func (p *AMQPPlugin) declare(s *session) error {
+	cfg := p.cfg
 	var err error
 	if s.consumer, err = s.conn.Channel(); err != nil {
 		return fmt.Errorf("channel.open: %w", err)
@@ -334,24 +396,187 @@ func (s *session) declare(cfg AMQPConfig) error {
 	if err := s.consumer.ExchangeDeclare(cfg.Exchange, amqp.ExchangeFanout, true, false, false, false, nil); err != nil {
 		return fmt.Errorf("exchange.declare %s: %w", cfg.Exchange, err)
 	}
-	args := amqp.Table{
-		"x-expires":    int32(cfg.QueueExpires.Milliseconds()),
-		"x-max-length": int32(cfg.QueueLength),
-		"x-overflow":   "drop-head",
+	if _, err := s.consumer.QueueDeclarePassive(cfg.Stream, true, false, false, false, nil); err != nil {
+		var ae *amqp.Error
+		if !errors.As(err, &ae) || ae.Code != amqp.NotFound {
+			return fmt.Errorf("queue.declare %s (passive): %w", cfg.Stream, err)
+		}
+		if s.consumer, err = s.conn.Channel(); err != nil { // the 404 closed the last one
+			return fmt.Errorf("channel.open: %w", err)
+		}
+		args := amqp.Table{
+			"x-queue-type":                    "stream",
+			"x-max-length-bytes":              cfg.StreamBytes,
+			"x-stream-max-segment-size-bytes": cfg.SegmentBytes,
+		}
+		if cfg.StreamAge != "" {
+			args["x-max-age"] = cfg.StreamAge
+		}
+		if _, err := s.consumer.QueueDeclare(cfg.Stream, true, false, false, false, args); err != nil {
+			return fmt.Errorf("queue.declare %s: %w", cfg.Stream, err)
+		}
+		if p.next >= 0 {
+			// The stream was gone (a broker that keeps nothing restarted)
+			// and is made anew: its offsets start again, so it is read
+			// from its first message; the hub sees the offsets go back.
+			p.bus.Log("amqp stream was missing and is declared anew; reading it from its first message", slog.LevelWarn, "stream", cfg.Stream)
+			p.next = -1
+		}
 	}
-	if _, err := s.consumer.QueueDeclare(s.queue, false, false, false, false, args); err != nil {
-		return fmt.Errorf("queue.declare %s: %w", s.queue, err)
+	if err := s.consumer.QueueBind(cfg.Stream, "", cfg.Exchange, false, nil); err != nil {
+		return fmt.Errorf("queue.bind %s: %w", cfg.Stream, err)
 	}
-	if err := s.consumer.QueueBind(s.queue, "", cfg.Exchange, false, nil); err != nil {
-		return fmt.Errorf("queue.bind %s: %w", s.queue, err)
+	if p.next < 0 {
+		if s.lastAtDial, err = p.lastOffset(s); err != nil {
+			return err
+		}
 	}
 	if err := s.consumer.Qos(cfg.Prefetch, 0, false); err != nil {
 		return fmt.Errorf("basic.qos: %w", err)
 	}
-	if s.deliveries, err = s.consumer.Consume(s.queue, s.tag, false, true, false, false, nil); err != nil {
-		return fmt.Errorf("basic.consume %s: %w", s.queue, err)
+	if s.deliveries, err = s.consumer.Consume(cfg.Stream, s.tag, false, false, false, false, amqp.Table{"x-stream-offset": p.startOffset()}); err != nil {
+		return fmt.Errorf("basic.consume %s: %w", cfg.Stream, err)
 	}
 	return nil
+}
+
+// lastOffset returns the offset of the stream's last message, or -1 if it
+// holds none, by reading from "last" for at most cfg.StreamWait: an empty
+// stream (or one whose retention dropped every segment) delivers nothing
+// until the next publish, so this never waits without a bound.
+func (p *AMQPPlugin) lastOffset(s *session) (int64, error) {
+	ch, err := s.conn.Channel()
+	if err != nil {
+		return -1, fmt.Errorf("channel.open: %w", err)
+	}
+	defer ch.Close()
+	if err := ch.Qos(1, 0, false); err != nil {
+		return -1, fmt.Errorf("basic.qos: %w", err)
+	}
+	d, err := ch.Consume(p.cfg.Stream, "", false, false, false, false, amqp.Table{"x-stream-offset": "last"})
+	if err != nil {
+		return -1, fmt.Errorf("basic.consume %s (last): %w", p.cfg.Stream, err)
+	}
+	t := time.NewTimer(p.cfg.StreamWait)
+	defer t.Stop()
+	select {
+	case m, ok := <-d:
+		if offset, found := streamOffset(m); ok && found {
+			return offset, nil
+		}
+	case <-t.C:
+	}
+	return -1, nil
+}
+
+// markCaughtUp tells the bus, once, that the consumer has read the stream
+// as far as it reached when the plugin started: from now on, what arrives
+// is live.
+func (p *AMQPPlugin) markCaughtUp() {
+	p.caughtUpOnce.Do(func() {
+		close(p.caughtUp)
+		p.bus.Publish(ChannelCaughtUp)
+	})
+}
+
+// ReplayRequest asks for the messages of a room between two offsets:
+// those after After, through Through. After is the offset of the last
+// message the browser has; if the stream no longer holds it, Gap says
+// that some may be missing.
+type ReplayRequest struct {
+	Room     string
+	After    int64
+	Through  int64
+	Before   time.Time // gives up by then
+	MaxBytes int64     // past this, the oldest are left out, and Gap is set
+}
+
+// ReplayResult answers a ReplayRequest.
+type ReplayResult struct {
+	Messages []Message
+	Gap      bool
+}
+
+// replays bounds how many replays read the stream at once: each holds an
+// AMQP channel and up to ReplayBytes.
+const replays = 8
+
+// replay reads the stream from req.After to req.Through on an AMQP channel
+// of its own, keeping the messages of req.Room. It runs on the goroutine
+// of the browser that asked, and answers ErrOutboxFull while the broker is
+// away.
+func (p *AMQPPlugin) replay(req ReplayRequest) (ReplayResult, error) {
+	var res ReplayResult
+	p.mu.Lock()
+	s := p.current
+	p.mu.Unlock()
+	if s == nil || !p.up.Load() {
+		return res, ErrOutboxFull
+	}
+	select {
+	case p.replaying <- struct{}{}:
+		defer func() { <-p.replaying }()
+	case <-time.After(time.Until(req.Before)):
+		return res, fmt.Errorf("amqp: replay of %s: too many replays under way", req.Room)
+	}
+	ch, err := s.conn.Channel()
+	if err != nil {
+		return res, fmt.Errorf("replay: channel.open: %w", err)
+	}
+	defer ch.Close()
+	if err := ch.Qos(p.cfg.Prefetch, 0, false); err != nil {
+		return res, fmt.Errorf("replay: basic.qos: %w", err)
+	}
+	d, err := ch.Consume(p.cfg.Stream, "", false, false, false, false, amqp.Table{"x-stream-offset": max(req.After, 0)})
+	if err != nil {
+		return res, fmt.Errorf("replay: basic.consume %s: %w", p.cfg.Stream, err)
+	}
+	seen := newDedupe()
+	var bytes int64
+	first := true
+	idle := time.NewTimer(p.cfg.StreamWait)
+	defer idle.Stop()
+	for {
+		select {
+		case m, ok := <-d:
+			if !ok {
+				return res, fmt.Errorf("replay: the AMQP channel closed")
+			}
+			offset, found := streamOffset(m)
+			if !found {
+				continue
+			}
+			if first && req.After >= 0 && offset > req.After {
+				res.Gap = true // the browser's last message is gone: retention dropped it
+			}
+			first = false
+			if offset > req.Through {
+				return res, nil
+			}
+			room := cmp.Or(m.RoutingKey, LobbyRoom)
+			if offset > req.After && room == req.Room && !(m.AppId == "wsamqp" && seen.duplicate(m.MessageId, m.Body)) {
+				res.Messages = append(res.Messages, Message{Offset: offset, Room: room, Body: m.Body})
+				bytes += int64(len(m.Body))
+				for bytes > req.MaxBytes && len(res.Messages) > 0 {
+					bytes -= int64(len(res.Messages[0].Body))
+					res.Messages = res.Messages[1:]
+					res.Gap = true
+				}
+			}
+			m.Ack(false)
+			if offset >= req.Through {
+				return res, nil
+			}
+			idle.Reset(p.cfg.StreamWait)
+		case <-idle.C:
+			// Nothing more to read: the stream ends before Through (it
+			// was trimmed), or holds nothing at all from After on.
+			if first && req.After >= 0 {
+				res.Gap = true
+			}
+			return res, nil
+		}
+	}
 }
 
 // supervise serves one session after another until Stop; it runs on its
@@ -398,20 +623,28 @@ func (p *AMQPPlugin) reconnect() *session {
 func (p *AMQPPlugin) serve(s *session) error {
 	go func() {
 		defer close(s.consumed)
+		// On a stream an acknowledgement only gives back credit.
 		// Acknowledging a quarter of the prefetch at a time (multiple=true)
-		// saves a frame per message and never stalls the broker. What is
-		// left unacknowledged when the flow stops is harmless: if the
-		// connection goes, it comes back as redeliveries, which amqp2ws drops.
+		// saves a frame per message and never stalls the broker; when the
+		// flow pauses, what was taken is acknowledged at once, so that in a
+		// quiet room nothing stays unacknowledged (RabbitMQ's
+		// consumer_timeout, 30 minutes by default, would close the
+		// channel).
 		//
-		// When the flow pauses (nothing more is waiting), what was taken is
-		// acknowledged at once: in a quiet room nothing may stay
-		// unacknowledged, or RabbitMQ's consumer_timeout (30 minutes by
-		// default) closes the channel.
+		// Until the consumer reaches the offset that was last when the
+		// plugin started (or the stream goes quiet first), what it reads is
+		// history; then it tells the bus it has caught up.
 		ackEvery, unacked := max(1, p.cfg.Prefetch/4), 0
 		var last amqp.Delivery
 		paused := time.NewTimer(ackPause)
 		paused.Stop()
 		defer paused.Stop()
+		catchingUp := time.NewTimer(p.cfg.StreamWait)
+		defer catchingUp.Stop()
+		caught := s.lastAtDial < 0
+		if caught {
+			p.markCaughtUp()
+		}
 		for {
 			select {
 			case d, ok := <-s.deliveries:
@@ -419,6 +652,12 @@ func (p *AMQPPlugin) serve(s *session) error {
 					return
 				}
 				p.amqp2ws(d)
+				if !caught && p.next > s.lastAtDial {
+					p.markCaughtUp()
+					caught = true
+				} else if !caught {
+					catchingUp.Reset(p.cfg.StreamWait)
+				}
 				last = d
 				if unacked++; unacked == 1 {
 					paused.Reset(ackPause)
@@ -426,6 +665,10 @@ func (p *AMQPPlugin) serve(s *session) error {
 				if unacked < ackEvery {
 					continue
 				}
+			case <-catchingUp.C:
+				p.markCaughtUp() // the last offset was dropped meanwhile: nothing more to catch up on
+				caught = true
+				continue
 			case <-paused.C:
 				if unacked == 0 {
 					continue
@@ -441,6 +684,11 @@ func (p *AMQPPlugin) serve(s *session) error {
 	// blocked connection) must not hold the shutdown past -drain-timeout.
 	cut := context.AfterFunc(p.drain, func() { s.raw.Close() })
 	defer cut()
+	defer func() {
+		p.mu.Lock()
+		p.current = nil
+		p.mu.Unlock()
+	}()
 	err := p.publish(s)
 	if err != nil {
 		s.conn.Close()
@@ -448,13 +696,11 @@ func (p *AMQPPlugin) serve(s *session) error {
 		return err
 	}
 	// Stopping: cancel the consumer, let what was delivered reach the
-	// browsers, delete the queue, then close the AMQP channels and the
-	// connection.
+	// browsers, then close the AMQP channels and the connection. The
+	// stream stays: other processes read it, and so will this one's
+	// browsers when they come back.
 	if err := s.consumer.Cancel(s.tag, false); err == nil {
 		<-s.consumed
-	}
-	if _, err := s.consumer.QueueDelete(s.queue, false, false, false); err != nil {
-		p.bus.Log("amqp queue.delete failed; the broker expires it", slog.LevelWarn, "queue", s.queue, "err", err)
 	}
 	s.publisher.Close()
 	s.consumer.Close()
@@ -510,7 +756,7 @@ func (p *AMQPPlugin) publish(s *session) error {
 func (p *AMQPPlugin) publishBatch(s *session, batch []outgoing) error {
 	confirms := make([]*amqp.DeferredConfirmation, 0, len(batch))
 	for i, msg := range batch {
-		dc, err := s.publisher.PublishWithDeferredConfirm(p.cfg.Exchange, "", false, false, amqp.Publishing{
+		dc, err := s.publisher.PublishWithDeferredConfirm(p.cfg.Exchange, msg.room, false, false, amqp.Publishing{
 			ContentType: "text/plain; charset=utf-8",
 			Timestamp:   time.Now(),
 			MessageId:   msg.id,

@@ -219,6 +219,7 @@ func testExchange(t testing.TB, broker testBroker) string {
 		defer conn.Close()
 		if ch, err := conn.Channel(); err == nil {
 			ch.ExchangeDelete(name, false, false)
+			ch.QueueDelete(name, false, false, false) // the bridge's stream, named after the exchange
 		}
 	})
 	return name
@@ -244,8 +245,9 @@ func testAMQPConfig(url, exchange string) AMQPConfig {
 		panic(err)
 	}
 	a := cfg.amqp
-	a.URL, a.Exchange = url, exchange
-	a.QueueExpires, a.MaxBackoff, a.DrainTimeout = 10*time.Second, 200*time.Millisecond, 5*time.Second
+	a.URL, a.Exchange, a.Stream = url, exchange, exchange // queues and exchanges have names of their own
+	a.MaxBackoff, a.DrainTimeout = 200*time.Millisecond, 5*time.Second
+	a.StreamWait = 200 * time.Millisecond // the tests' streams start empty: no need to wait long to see it
 	return a
 }
 

@@ -121,13 +121,20 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.IntVar(&cfg.maxHeaderBytes, "max-header-bytes", 16<<10, "largest HTTP request header in `bytes`")
 	fs.DurationVar(&cfg.ws.WriteWait, "write-wait", 10*time.Second, "bounds one write to a browser")
 	fs.DurationVar(&cfg.ws.PongWait, "pong-wait", 60*time.Second, "how long a silent browser is kept; at least twice -write-wait")
+	fs.IntVar(&cfg.ws.History, "history", 50, "`lines` of its room a wsamqp.v1 browser gets on joining, unless it asks (?history=K)")
+	fs.IntVar(&cfg.ws.HistoryMax, "history-max", 1000, "the most `lines` a browser may ask for, and the lines kept in memory per room")
+	fs.Int64Var(&cfg.ws.CacheBytes, "history-bytes", 64<<20, "`bytes` of lines kept in memory for all rooms, for history and quick resumes")
 
 	// Limits on the broker link.
 	fs.IntVar(&cfg.amqp.Outbox, "outbox", 4096, "browser `messages` held for the broker; when full, senders wait while the broker is up and get 1013 while it is away")
 	fs.Int64Var(&cfg.amqp.OutboxBytes, "outbox-bytes", 16<<20, "browser message `bytes` held for the broker, as -outbox")
 	fs.IntVar(&cfg.amqp.Prefetch, "prefetch", 256, "unacknowledged deliveries from the broker")
-	fs.DurationVar(&cfg.amqp.QueueExpires, "queue-expires", time.Minute, "how long this process's queue outlives a lost connection, keeping what is sent meanwhile")
-	fs.IntVar(&cfg.amqp.QueueLength, "queue-length", 100_000, "`messages` this process's queue keeps while it is away; the oldest go first")
+	fs.StringVar(&cfg.amqp.Stream, "stream", "wsamqp.chat", "the `stream` bound to -exchange that every process reads: the chat's history")
+	fs.Int64Var(&cfg.amqp.StreamBytes, "stream-max-bytes", 256<<20, "the stream's retention in `bytes`, when this process declares it")
+	fs.StringVar(&cfg.amqp.StreamAge, "stream-max-age", "7D", "the stream's retention in `age` (Y, M, D, h, m or s; empty for none), when this process declares it")
+	fs.Int64Var(&cfg.amqp.SegmentBytes, "stream-segment-bytes", 1<<20, "the stream's segment size in `bytes`: retention drops whole segments, so they are small at chat scale")
+	fs.DurationVar(&cfg.amqp.StreamWait, "stream-wait", time.Second, "how long a read of the stream waits for a message before it takes the stream to hold no more (an empty stream sends nothing)")
+	fs.Int64Var(&cfg.amqp.ReplayBytes, "replay-bytes", 4<<20, "the most one resuming browser is sent from the stream, in `bytes`; past it the oldest are left out and it is told of a gap")
 	fs.DurationVar(&cfg.amqp.MaxBackoff, "max-backoff", 10*time.Second, "longest wait between reconnection attempts")
 	fs.DurationVar(&cfg.amqp.DrainTimeout, "drain-timeout", 10*time.Second, "on shutdown, how long to wait for the broker to confirm what browsers sent")
 	fs.DurationVar(&cfg.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on shutdown, how long browsers get to leave")
@@ -212,8 +219,13 @@ var flagRanges = []flagRange{
 	{"outbox", 1, 1 << 20},
 	{"outbox-bytes", int64(1 << 10), int64(1 << 32)},
 	{"prefetch", 1, 65535},
-	{"queue-expires", time.Second, 24 * time.Hour}, // RabbitMQ takes milliseconds in 32 bits
-	{"queue-length", 1, math.MaxInt32},
+	{"stream-max-bytes", int64(1 << 20), int64(1 << 50)},
+	{"stream-segment-bytes", int64(4 << 10), int64(1 << 31)},
+	{"replay-bytes", int64(64 << 10), int64(1 << 30)},
+	{"stream-wait", 10 * time.Millisecond, time.Minute},
+	{"history", 0, 1 << 20},
+	{"history-max", 0, 1 << 20},
+	{"history-bytes", int64(0), int64(1 << 40)},
 	{"max-backoff", 100 * time.Millisecond, time.Hour},
 	{"drain-timeout", time.Duration(0), time.Hour},
 	{"shutdown-timeout", time.Duration(0), time.Hour},
@@ -277,6 +289,10 @@ func (cfg *config) validate(set flagSet, urlFlag string) error {
 		return usageError("outbox-bytes", "%d is less than -max-message (%d): one message would never fit", cfg.amqp.OutboxBytes, cfg.ws.MaxMessage)
 	case cfg.amqp.Exchange == "" || len(cfg.amqp.Exchange) > 255:
 		return usageError("exchange", "%q must be 1 to 255 bytes", cfg.amqp.Exchange)
+	case cfg.amqp.Stream == "" || len(cfg.amqp.Stream) > 255:
+		return usageError("stream", "%q must be 1 to 255 bytes", cfg.amqp.Stream)
+	case cfg.ws.History > cfg.ws.HistoryMax:
+		return usageError("history", "%d is more than -history-max (%d)", cfg.ws.History, cfg.ws.HistoryMax)
 	case cfg.broker.User == "" || len(cfg.broker.User) > 255:
 		return usageError("broker-user", "must be 1 to 255 bytes")
 	}
@@ -302,6 +318,11 @@ func (cfg *config) validate(set flagSet, urlFlag string) error {
 			return usageError(urlFlag, "not a valid AMQP URL (%s); it is not shown, since it may hold a password: percent-encode special characters in the password", urlProblem(err))
 		} else if u.Host == "" {
 			return usageError(urlFlag, "the AMQP URL has no host")
+		}
+	}
+	if cfg.amqp.StreamAge != "" {
+		if _, err := parseStreamAge(cfg.amqp.StreamAge); err != nil {
+			return usageError("stream-max-age", "%v", err)
 		}
 	}
 	if cfg.brokerListen != "" {
@@ -408,6 +429,11 @@ func startEmbeddedBroker(b *Bus, cfg *config) error {
 	cfg.amqp.Dial = broker.Dial
 	b.Subscribe(ChannelExit, "broker", DefaultPriority, func(...any) (any, error) { return nil, broker.Close() })
 	b.Log("no -amqp flag or AMQP_URL: using the embedded broker; give -amqp amqp://user:password@host:5672/ to use RabbitMQ", slog.LevelInfo)
+	if cfg.amqp.StreamAge != "" {
+		if _, err := parseStreamAge(cfg.amqp.StreamAge); err != nil {
+			return usageError("stream-max-age", "%v", err)
+		}
+	}
 	if cfg.brokerListen != "" {
 		addr, err := broker.Listen(cfg.brokerListen)
 		if err != nil {

@@ -43,6 +43,10 @@ type WSConfig struct {
 	WriteWait      time.Duration // bounds one write to a browser
 	PongWait       time.Duration // how long a browser may stay silent, pongs included; at least 2 × WriteWait
 	Origins        []string      // origins allowed besides the page's own ("https://example.com")
+	History        int           // wsamqp.v1: lines of its room a browser gets on joining, unless it asks otherwise
+	HistoryMax     int           // the most a browser may ask for, and the lines kept per room
+	CacheBytes     int64         // bytes of lines kept for all rooms, for history and quick resumes
+	ReplayBytes    int64         // bounds one replay from the stream
 
 	CloseTimeout time.Duration // bounds how long browsers get to leave on shutdown
 }
@@ -64,19 +68,30 @@ type Hub struct {
 	cfg      WSConfig
 	upgrader websocket.Upgrader
 
-	// mu guards clients, perIP and closing.
-	mu      sync.Mutex
-	clients map[*client]struct{}
-	perIP   map[string]int // browsers connected from each IP address
-	closing bool           // Close has begun; new browsers are turned away
+	// mu guards the fields below it.
+	mu         sync.Mutex
+	clients    map[*client]struct{}
+	rooms      map[string]map[*client]struct{} // the browsers in each room
+	perIP      map[string]int                  // browsers connected from each IP address
+	closing    bool                            // Close has begun; new browsers are turned away
+	cache      *roomCache                      // the latest lines of each room
+	lastOffset int64                           // the offset of the last message broadcast; -1 before any
+
+	live     chan struct{} // closed once the AMQP plugin has caught up with the stream
+	liveOnce sync.Once
 
 	wg sync.WaitGroup // one count per reader and per writer goroutine; added to under mu while !closing
 }
 
 // NewHub returns the WebSocket handler for b. Call Subscribe to plug it in.
 func NewHub(b *Bus, cfg WSConfig) *Hub {
-	h := &Hub{bus: b, cfg: cfg, clients: make(map[*client]struct{}), perIP: make(map[string]int)}
+	h := &Hub{
+		bus: b, cfg: cfg,
+		clients: make(map[*client]struct{}), rooms: make(map[string]map[*client]struct{}), perIP: make(map[string]int),
+		cache: newRoomCache(cfg.HistoryMax, cfg.CacheBytes), lastOffset: -1, live: make(chan struct{}),
+	}
 	h.upgrader = websocket.Upgrader{
+		Subprotocols:    []string{ProtocolV1},
 		ReadBufferSize:  1024,
 		WriteBufferSize: 1024,
 		// Idle browsers hold no write buffer: it is taken from the pool
@@ -101,7 +116,11 @@ func (h *Hub) Subscribe() {
 		return nil, nil
 	})
 	h.bus.Subscribe(ChannelAMQP2WS, "ws", DefaultPriority, func(args ...any) (any, error) {
-		return nil, h.broadcast(args[0].([]byte))
+		return nil, h.broadcast(args[0].(Message))
+	})
+	h.bus.Subscribe(ChannelCaughtUp, "ws", DefaultPriority, func(...any) (any, error) {
+		h.liveOnce.Do(func() { close(h.live) })
+		return nil, nil
 	})
 }
 
@@ -130,17 +149,42 @@ func (h *Hub) Clients() int {
 // ServeHTTP upgrades a browser to a WebSocket and starts its reader and
 // writer goroutines.
 func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	j, err := parseJoin(r, h.cfg)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	// Until the AMQP plugin has read the stream as far as it reached at
+	// start, history is incomplete: browsers wait for it, a little.
+	wait := time.NewTimer(h.cfg.WriteWait)
+	select {
+	case <-h.live:
+		wait.Stop()
+	case <-wait.C:
+		http.Error(w, "catching up with the stream: try again", http.StatusServiceUnavailable)
+		return
+	case <-r.Context().Done():
+		wait.Stop()
+		return
+	}
+
 	// The browser joins the hub before the handshake answer goes out, so
 	// that every message broadcast after its "open" event reaches it; what
-	// arrives meanwhile waits in its queue for the writer.
+	// arrives meanwhile waits in its queue for the writer. A wsamqp.v1
+	// browser's history or replay is put first in that queue under the
+	// same lock as its joining the room: nothing is missed or doubled at
+	// the seam between the two.
 	c := &client{
 		hub:      h,
 		remote:   r.RemoteAddr,
 		ip:       remoteIP(r.RemoteAddr),
+		room:     j.room,
+		v1:       j.v1,
 		wake:     make(chan struct{}, 1),
 		quit:     make(chan struct{}),
 		readDone: make(chan struct{}),
 	}
+	var through int64 // with a replay from the stream: the last offset it must cover
 	h.mu.Lock()
 	refuse, status := "", http.StatusServiceUnavailable
 	switch {
@@ -153,6 +197,16 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		h.clients[c] = struct{}{}
 		h.perIP[c.ip]++
+		if h.rooms[c.room] == nil {
+			h.rooms[c.room] = make(map[*client]struct{})
+		}
+		h.rooms[c.room][c] = struct{}{}
+		if c.v1 {
+			var slow bool
+			if c.queue, slow = h.joinLines(j); slow {
+				c.gated, through = true, h.lastOffset
+			}
+		}
 	}
 	h.mu.Unlock()
 	if refuse != "" {
@@ -182,6 +236,15 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		go c.writeLoop()
 		go c.readLoop()
+		if c.gated {
+			lines, err := h.replayLines(j, through)
+			if err != nil {
+				h.bus.Log("replay failed", slog.LevelWarn, "remote", c.remote, "room", c.room, "since", j.since, "err", err)
+				c.close(websocket.CloseTryAgainLater, "history unavailable: try again later")
+				return
+			}
+			c.ungate(lines)
+		}
 	}
 }
 
@@ -194,6 +257,9 @@ func (h *Hub) remove(c *client) {
 	if h.perIP[c.ip]--; h.perIP[c.ip] <= 0 {
 		delete(h.perIP, c.ip)
 	}
+	if delete(h.rooms[c.room], c); len(h.rooms[c.room]) == 0 {
+		delete(h.rooms, c.room)
+	}
 }
 
 // remoteIP returns the IP address of a request's remote address.
@@ -205,26 +271,55 @@ func remoteIP(remote string) string {
 	return host
 }
 
-// broadcast frames body once and queues the same bytes for every browser.
-// A browser whose queue is full, in messages or in bytes, is too slow: it
-// is disconnected, never waited for. It runs on the AMQP plugin's
-// consuming goroutine.
-func (h *Hub) broadcast(body []byte) error {
-	if int64(len(body)) > h.cfg.MaxMessage {
-		return fmt.Errorf("ws: broker message of %d bytes dropped: larger than -max-message (%d)", len(body), h.cfg.MaxMessage)
+// broadcast hands a message from the stream to the browsers of its room:
+// its wsamqp.v1 line and its raw frame are each made once, and the same
+// bytes are queued for every browser that takes them. A browser whose
+// queue is full, in messages or in bytes, is too slow: it is disconnected,
+// never waited for. The line is kept for history. It runs on the AMQP
+// plugin's consuming goroutine.
+func (h *Hub) broadcast(msg Message) error {
+	var refused error
+	switch {
+	case int64(len(msg.Body)) > h.cfg.MaxMessage:
+		refused = fmt.Errorf("ws: broker message of %d bytes dropped: larger than -max-message (%d)", len(msg.Body), h.cfg.MaxMessage)
+	case !utf8.Valid(msg.Body):
+		refused = errors.New("ws: broker message dropped: not valid UTF-8; browsers only take text")
 	}
-	if !utf8.Valid(body) {
-		return errors.New("ws: broker message dropped: not valid UTF-8; browsers only take text")
+	if refused != nil {
+		h.mu.Lock()
+		h.lastOffset = max(h.lastOffset, msg.Offset)
+		h.mu.Unlock()
+		return refused
 	}
-	frame := textFrame(body)
+	line := encodeLine(msg.Offset, msg.Body)
+	var frame []byte // made for the first raw-mode browser
 	var slow []*client
 	h.mu.Lock()
-	for c := range h.clients {
-		if !c.enqueue(frame) && c.close(websocket.ClosePolicyViolation, "too slow: send queue full") {
+	reset := msg.Offset <= h.lastOffset
+	if reset {
+		// Offsets only go forward in one stream: this one was made anew,
+		// and what the cache holds belongs to the old one.
+		h.cache = newRoomCache(h.cfg.HistoryMax, h.cfg.CacheBytes)
+	}
+	from := h.lastOffset
+	h.lastOffset = msg.Offset
+	h.cache.add(msg.Room, cachedLine{offset: msg.Offset, line: line})
+	for c := range h.rooms[msg.Room] {
+		item := line
+		if !c.v1 {
+			if frame == nil {
+				frame = textFrame(msg.Body)
+			}
+			item = frame
+		}
+		if !c.enqueue(item) && c.close(websocket.ClosePolicyViolation, "too slow: send queue full") {
 			slow = append(slow, c)
 		}
 	}
 	h.mu.Unlock()
+	if reset {
+		h.bus.Log("stream offsets went back: the stream was made anew; history restarts", slog.LevelWarn, "from", from, "to", msg.Offset)
+	}
 	for _, c := range slow {
 		h.bus.Log("browser cut off as too slow", slog.LevelWarn, "remote", c.remote, "queue", h.cfg.SendQueue, "queue_bytes", h.cfg.SendQueueBytes)
 	}
@@ -234,25 +329,21 @@ func (h *Hub) broadcast(body []byte) error {
 // textFrame returns body as a complete WebSocket text frame, as a server
 // sends it: unmasked, so the same bytes serve every browser.
 func textFrame(body []byte) []byte {
-	var head [10]byte
-	head[0] = 0x80 | websocket.TextMessage // FIN, opcode
-	n := 2
-	switch l := len(body); {
-	case l < 126:
-		head[1] = byte(l)
-	case l <= 0xFFFF:
-		head[1] = 126
-		binary.BigEndian.PutUint16(head[2:], uint16(l))
-		n = 4
-	default:
-		head[1] = 127
-		binary.BigEndian.PutUint64(head[2:], uint64(l))
-		n = 10
+	frame := appendTextHeader(make([]byte, 0, 10+len(body)), len(body))
+	return append(frame, body...)
+}
+
+// appendTextHeader appends the header of an unmasked, final text frame
+// whose payload is size bytes.
+func appendTextHeader(dst []byte, size int) []byte {
+	const first = 0x80 | websocket.TextMessage // FIN, opcode
+	switch {
+	case size < 126:
+		return append(dst, first, byte(size))
+	case size <= 0xFFFF:
+		return binary.BigEndian.AppendUint16(append(dst, first, 126), uint16(size))
 	}
-	frame := make([]byte, n+len(body))
-	copy(frame, head[:n])
-	copy(frame[n:], body)
-	return frame
+	return binary.BigEndian.AppendUint64(append(dst, first, 127), uint64(size))
 }
 
 // Close says goodbye to every browser with 1001 (going away), after the
@@ -292,14 +383,19 @@ type client struct {
 	hub    *Hub
 	remote string          // the browser's address, for the log
 	ip     string          // its IP address, for the per-address limit
+	room   string          // the room it is in
+	v1     bool            // it speaks wsamqp.v1: its queue holds lines, not frames
 	conn   *websocket.Conn // nil until the handshake is done; set under hub.mu
 	raw    *lockedConn     // conn's TCP connection, on which the writer writes frames
 
-	// mu guards queue and queued: frames waiting for the writer, shared
-	// with every other browser, and their bytes.
+	// mu guards queue, queued and gated: frames (or v1 lines) waiting for
+	// the writer, shared with every other browser, and the bytes of those
+	// that arrived live; while gated, a replay from the stream is being
+	// read, to go first, and the writer waits.
 	mu     sync.Mutex
 	queue  [][]byte
 	queued int64
+	gated  bool
 	wake   chan struct{} // capacity 1: one pending wake-up is enough for any number of frames
 
 	once     sync.Once
@@ -339,9 +435,34 @@ func (c *client) take(spare [][]byte) [][]byte {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.gated {
+		return spare[:0]
+	}
 	batch := c.queue
 	c.queue, c.queued = spare[:0], 0
 	return batch
+}
+
+// ungate puts a replay's lines before what arrived live meanwhile, and
+// lets the writer go.
+func (c *client) ungate(lines [][]byte) {
+	c.mu.Lock()
+	c.queue = append(lines, c.queue...)
+	c.gated = false
+	c.mu.Unlock()
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// write sends a batch: frames as they are, or wsamqp.v1 lines gathered
+// into frames.
+func (c *client) write(batch [][]byte) error {
+	if c.v1 {
+		return c.raw.writeFrames(frameLines(nil, batch), c.hub.cfg.WriteWait)
+	}
+	return c.raw.writeFrames(batch, c.hub.cfg.WriteWait)
 }
 
 // maxSpareBatch bounds the frames slice a browser keeps between batches:
@@ -444,7 +565,7 @@ func (c *client) accept(kind int, msg []byte) (code int, reason string) {
 // wait while its outbox is full and the broker is up; c.quit ends the
 // wait.
 func (c *client) publish(msg []byte) (code int, reason string) {
-	_, err := c.hub.bus.Publish(ChannelWS2AMQP, msg, (<-chan struct{})(c.quit))
+	_, err := c.hub.bus.Publish(ChannelWS2AMQP, msg, c.room, (<-chan struct{})(c.quit))
 	switch {
 	case err == nil:
 		return 0, ""
@@ -482,7 +603,7 @@ func (c *client) writeLoop() {
 		}
 		select {
 		case <-c.wake:
-			if batch = c.take(batch); c.raw.writeFrames(batch, h.cfg.WriteWait) != nil {
+			if batch = c.take(batch); c.write(batch) != nil {
 				return
 			}
 		case <-ping.C:
@@ -504,7 +625,7 @@ func (c *client) goodbye(spare [][]byte) {
 		return
 	}
 	if c.code == websocket.CloseGoingAway {
-		if c.raw.writeFrames(c.take(spare), c.hub.cfg.WriteWait) != nil {
+		if c.write(c.take(spare)) != nil {
 			return
 		}
 	}
