@@ -63,7 +63,6 @@ type AMQPConfig struct {
 	Prefetch     int           // deliveries in flight from the broker to this process
 	Outbox       int           // browser messages held for the broker
 	OutboxBytes  int64         // browser message bytes held for the broker
-	ReplayBytes  int64         // bounds what one replay from the stream reads
 	StreamWait   time.Duration // how long a read waits for a delivery before it takes the stream to have no more
 	MaxBackoff   time.Duration // longest wait between two reconnection attempts
 	DrainTimeout time.Duration // bounds how long Stop waits for outstanding confirms

@@ -134,7 +134,7 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.StringVar(&cfg.amqp.StreamAge, "stream-max-age", "7D", "the stream's retention in `age` (Y, M, D, h, m or s; empty for none), when this process declares it")
 	fs.Int64Var(&cfg.amqp.SegmentBytes, "stream-segment-bytes", 1<<20, "the stream's segment size in `bytes`: retention drops whole segments, so they are small at chat scale")
 	fs.DurationVar(&cfg.amqp.StreamWait, "stream-wait", time.Second, "how long a read of the stream waits for a message before it takes the stream to hold no more (an empty stream sends nothing)")
-	fs.Int64Var(&cfg.amqp.ReplayBytes, "replay-bytes", 4<<20, "the most one resuming browser is sent from the stream, in `bytes`; past it the oldest are left out and it is told of a gap")
+	fs.Int64Var(&cfg.ws.ReplayBytes, "replay-bytes", 4<<20, "the most one resuming browser is sent from the stream, in `bytes`; past it the oldest are left out and it is told of a gap")
 	fs.DurationVar(&cfg.amqp.MaxBackoff, "max-backoff", 10*time.Second, "longest wait between reconnection attempts")
 	fs.DurationVar(&cfg.amqp.DrainTimeout, "drain-timeout", 10*time.Second, "on shutdown, how long to wait for the broker to confirm what browsers sent")
 	fs.DurationVar(&cfg.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on shutdown, how long browsers get to leave")

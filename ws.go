@@ -205,6 +205,8 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			var slow bool
 			if c.queue, slow = h.joinLines(j); slow {
 				c.gated, through = true, h.lastOffset
+			} else {
+				c.wake <- struct{}{} // its history and ready event wait for the writer
 			}
 		}
 	}
