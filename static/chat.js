@@ -1,6 +1,11 @@
 // The chat client from "A quick chat WebSockets/AMQP client", without
 // jQuery. A line is only shown when the server sends it back: what you
 // type goes to the broker, and the broker sends it to every page, yours too.
+//
+// It speaks wsamqp.v1: the room is in the address (#room-name), the page
+// joins with the room's last lines (history), keeps the offset of the last
+// line it has, and when the connection comes back it asks for what it
+// missed (since): nothing is lost to a Wi-Fi drop or a server restart.
 "use strict";
 
 const log = document.getElementById("log");
@@ -9,13 +14,27 @@ const form = document.getElementById("chat");
 const nameInput = document.getElementById("name");
 const textInput = document.getElementById("text");
 const sendButton = document.getElementById("send");
+const roomForm = document.getElementById("rooms");
+const roomInput = document.getElementById("room");
+
+const maxLines = 1000;      // lines kept in the page; the oldest go first
+const historyLines = 50;    // lines of the room shown on joining
+const roomPattern = /^[a-z0-9][a-z0-9_-]{0,63}$/;
 
 nameInput.value = localStorage.getItem("wsamqp.name") || "";
 nameInput.addEventListener("input", () => localStorage.setItem("wsamqp.name", nameInput.value.trim()));
 
 let socket = null;
-let retryDelay = 500; // grows to maxRetryDelay while the server is away
+let room = roomFromAddress();
+const lastOffset = new Map(); // room -> offset of the last line shown
+let retryDelay = 500;         // grows to maxRetryDelay while the server is away
 const maxRetryDelay = 10000;
+let retryTimer = null;
+
+function roomFromAddress() {
+  const name = decodeURIComponent(location.hash.slice(1)).toLowerCase();
+  return roomPattern.test(name) ? name : "lobby";
+}
 
 function setStatus(state, text) {
   status.dataset.state = state;
@@ -26,43 +45,96 @@ function setStatus(state, text) {
   if (connected) textInput.focus();
 }
 
-// show appends one line, as text, never as HTML. JSON chat lines show
-// their name; anything else (another AMQP producer) is shown as it came.
-function show(data) {
+// append adds an element to the log, keeping the reader's place when
+// scrolled back, and at most maxLines lines.
+function append(li) {
   const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+  log.append(li);
+  while (log.children.length > maxLines) log.firstElementChild.remove();
+  if (atBottom) li.scrollIntoView({ block: "end" });
+}
+
+// note shows a line from the page itself: quiet, or a warning.
+function note(text, kind) {
   const li = document.createElement("li");
-  let line = null;
-  try { line = JSON.parse(data); } catch (_) { /* not JSON: shown as is */ }
-  if (line && typeof line === "object" && typeof line.text === "string") {
+  li.className = `note ${kind || ""}`;
+  li.textContent = text;
+  append(li);
+}
+
+// show appends one message, as text, never as HTML. Chat lines show their
+// name; anything else (another AMQP producer) is shown as it came.
+function show(payload) {
+  const li = document.createElement("li");
+  if (payload && typeof payload === "object" && typeof payload.text === "string") {
     const name = document.createElement("span");
     name.className = "name";
-    name.textContent = typeof line.name === "string" && line.name ? line.name : "anonymous";
+    name.textContent = typeof payload.name === "string" && payload.name ? payload.name : "anonymous";
     const text = document.createElement("span");
     text.className = "text";
-    text.textContent = line.text;
+    text.textContent = payload.text;
     li.append(name, text);
   } else {
-    li.textContent = data;
+    li.textContent = typeof payload === "string" ? payload : JSON.stringify(payload);
   }
-  log.append(li);
-  if (atBottom) li.scrollIntoView({ block: "end" }); // keep the reader's place when scrolled back
+  append(li);
 }
 
 function connect() {
+  clearTimeout(retryTimer);
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  socket = new WebSocket(`${scheme}//${location.host}/ws`);
+  const joined = room;
+  const since = lastOffset.get(joined);
+  const query = since === undefined ? `history=${historyLines}` : `since=${since}`;
+  const ws = new WebSocket(`${scheme}//${location.host}/ws?room=${joined}&${query}`, "wsamqp.v1");
+  socket = ws;
   setStatus("connecting", "connecting…");
-  socket.onopen = () => {
+  let restored = 0;
+  let ready = false;
+  ws.onopen = () => {
     retryDelay = 500;
-    setStatus("connected", "connected");
+    setStatus("connected", `connected to #${joined}`);
   };
-  socket.onmessage = (event) => show(event.data);
-  socket.onclose = (event) => {
+  ws.onmessage = (event) => {
+    if (ws !== socket) return;
+    for (const text of event.data.split("\n")) {
+      const line = JSON.parse(text);
+      if (line.event === "gap") {
+        note("Some messages may be missing: the chat's history no longer goes back that far.", "warning");
+      } else if (line.event === "ready") {
+        ready = true;
+        if (since !== undefined && restored > 0) {
+          note(`${restored} line${restored === 1 ? "" : "s"} restored after reconnecting`);
+        }
+      } else if (typeof line.offset === "number") {
+        if (line.offset <= (lastOffset.get(joined) ?? -1)) continue; // shown already
+        lastOffset.set(joined, line.offset);
+        if (!ready) restored++;
+        show("data" in line ? line.data : line.text);
+      }
+    }
+  };
+  ws.onclose = (event) => {
+    if (ws !== socket) return; // a room switch closed it
     const why = event.reason ? `: ${event.reason}` : "";
     setStatus("disconnected", `disconnected (${event.code}${why}), retrying in ${Math.round(retryDelay / 1000)}s`);
-    setTimeout(connect, retryDelay * (0.5 + Math.random() / 2));
+    retryTimer = setTimeout(connect, retryDelay * (0.5 + Math.random() / 2));
     retryDelay = Math.min(retryDelay * 2, maxRetryDelay);
   };
+}
+
+// switchRoom leaves the room for another: a fresh log, with its history.
+function switchRoom(name) {
+  if (name === room) return;
+  room = name;
+  roomInput.value = name;
+  document.title = `#${name} · wsamqp chat`;
+  lastOffset.delete(name);
+  log.replaceChildren();
+  const old = socket;
+  socket = null;
+  if (old) old.close(1000, "switching rooms");
+  connect();
 }
 
 form.addEventListener("submit", (event) => {
@@ -73,4 +145,20 @@ form.addEventListener("submit", (event) => {
   textInput.value = "";
 });
 
+roomForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const name = roomInput.value.trim().toLowerCase();
+  if (!roomPattern.test(name)) {
+    roomInput.setCustomValidity("a-z, 0-9, _ and -, up to 64");
+    roomInput.reportValidity();
+    return;
+  }
+  roomInput.setCustomValidity("");
+  location.hash = name; // hashchange switches
+});
+
+window.addEventListener("hashchange", () => switchRoom(roomFromAddress()));
+
+roomInput.value = room;
+document.title = `#${room} · wsamqp chat`;
 connect();
