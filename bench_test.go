@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	amqp "github.com/rabbitmq/amqp091-go"
 )
 
 // The fan-out benchmarks: one client publishes, every client (itself
@@ -403,4 +404,138 @@ func BenchmarkMemoryUnderLoad(b *testing.B) {
 			wg.Wait()
 		})
 	})
+}
+
+// BenchmarkResumeStorm: 1,000 wsamqp.v1 browsers in 10 rooms, each having
+// seen its room up to a different offset, reconnect at once to a bridge
+// that was just restarted, with their own since, while 10 more lines a
+// room were sent during the restart. Every one must get exactly the lines
+// after its since, then ready. "cache" serves them from the restarted
+// bridge's memory (it read the stream on start); "stream" keeps 5 lines a
+// room in memory, so that every resume reads the stream (at most 8 at
+// once). It prints the time until all are ready and the peak heap.
+func BenchmarkResumeStorm(b *testing.B) {
+	for _, tc := range []struct {
+		name       string
+		historyMax int
+	}{{"cache", 1000}, {"stream", 5}} {
+		b.Run(tc.name, func(b *testing.B) {
+			for range b.N {
+				resumeStorm(b, tc.historyMax)
+			}
+		})
+	}
+}
+
+func resumeStorm(b *testing.B, historyMax int) {
+	const browsers, rooms, before, during = 1000, 10, 20, 10
+	broker := NewBroker(BrokerConfig{MaxConns: 100})
+	defer broker.Close()
+	amqpCfg := testAMQPConfig("amqp://guest:guest@embedded/", "storm")
+	amqpCfg.Dial = broker.Dial
+	wsCfg := testWSConfig()
+	wsCfg.MaxConns, wsCfg.MaxConnsPerIP, wsCfg.HistoryMax, wsCfg.History = browsers, browsers, historyMax, 0
+	serve := func() (*Bus, string) {
+		bus := NewBus(nil)
+		br := newBridge(bus, amqpCfg, wsCfg)
+		server := httptest.NewServer(br.handler)
+		b.Cleanup(server.Close)
+		must(b, bus.Start())
+		return bus, wsURL(server)
+	}
+	publish := func(n int, tag string) {
+		conn, err := amqp.DialConfig(amqpCfg.URL, amqp.Config{Dial: broker.Dial})
+		must(b, err)
+		defer conn.Close()
+		ch, err := conn.Channel()
+		must(b, err)
+		must(b, ch.Confirm(false))
+		for i := range n {
+			for r := range rooms {
+				dc, err := ch.PublishWithDeferredConfirm("storm", fmt.Sprint("room", r), false, false, amqp.Publishing{Body: fmt.Appendf(nil, "%s:%d", tag, i)})
+				must(b, err)
+				dc.Wait()
+			}
+		}
+	}
+
+	bus, url := serve()
+	conns := make([]*websocket.Conn, browsers)
+	dialer := websocket.Dialer{Subprotocols: []string{ProtocolV1}}
+	for i := range conns {
+		c, _, err := dialer.Dial(fmt.Sprintf("%s?room=room%d&history=0", url, i%rooms), nil)
+		must(b, err)
+		conns[i] = c
+	}
+	publish(before, "before")
+	// Each browser reads its room's lines and keeps the offset of the one
+	// it pretends to have seen last: a different one for each.
+	since := make([]int64, browsers)
+	var wg sync.WaitGroup
+	for i, c := range conns {
+		wg.Go(func() {
+			defer c.Close()
+			v := &v1Conn{Conn: c}
+			v.untilReady(b)
+			for n := range before {
+				_, offset := v.message(b)
+				if n == i%before {
+					since[i] = offset
+				}
+			}
+		})
+	}
+	wg.Wait()
+	bus.Exit()
+	publish(during, "during")
+
+	base := heapInUse()
+	var peak atomic.Uint64
+	stop := make(chan struct{})
+	go func() {
+		for {
+			var m runtime.MemStats
+			runtime.ReadMemStats(&m)
+			if m.HeapAlloc > peak.Load() {
+				peak.Store(m.HeapAlloc)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	start := time.Now()
+	_, url = serve()
+	var wrong atomic.Int64
+	for i := range browsers {
+		wg.Go(func() {
+			c, _, err := dialer.Dial(fmt.Sprintf("%s?room=room%d&since=%d", url, i%rooms, since[i]), nil)
+			if err != nil {
+				wrong.Add(1)
+				return
+			}
+			defer c.Close()
+			got, _, gap, _ := (&v1Conn{Conn: c}).untilReady(b)
+			var want []string
+			for n := i%before + 1; n < before; n++ {
+				want = append(want, fmt.Sprint("before:", n))
+			}
+			for n := range during {
+				want = append(want, fmt.Sprint("during:", n))
+			}
+			if gap || !slices.Equal(got, want) {
+				wrong.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(stop)
+	if n := wrong.Load(); n > 0 {
+		b.Fatalf("%d of %d browsers did not get exactly what they missed", n, browsers)
+	}
+	b.ReportMetric(float64(elapsed.Milliseconds()), "ms-until-all-ready")
+	b.ReportMetric(float64(peak.Load()-min(peak.Load(), base))/(1<<20), "MiB-peak-above-idle")
 }

@@ -210,28 +210,35 @@ func TestProcessHelper(t *testing.T) {
 	os.Exit(0)
 }
 
+// startProgram runs the wsamqp program in a child process (the test
+// binary, as TestProcessHelper) with args, waits until it serves, and
+// returns it, its address, and the rest of its output. The test's cleanup
+// kills it if it is still running.
+func startProgram(t *testing.T, args string) (*exec.Cmd, string, *bufio.Scanner) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestProcessHelper$")
+	cmd.Env = append(os.Environ(), "WSAMQP_PROCESS_ARGS=-addr 127.0.0.1:0 "+args)
+	stdout, err := cmd.StdoutPipe()
+	must(t, err)
+	must(t, cmd.Start())
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	lines := bufio.NewScanner(stdout)
+	serving := regexp.MustCompile(`msg="serving chat" url=http://(\S+)`)
+	for lines.Scan() {
+		if m := serving.FindStringSubmatch(lines.Text()); m != nil {
+			return cmd, m[1], lines
+		}
+	}
+	t.Fatal("the process ended before serving")
+	return nil, "", nil
+}
+
 func TestSIGTERMUnderLoad(t *testing.T) {
 	forEachBroker(t, func(t *testing.T, broker testBroker) {
 		exchange := testExchange(t, broker)
 		witness := consume(t, broker.url, exchange)
 
-		cmd := exec.Command(os.Args[0], "-test.run=^TestProcessHelper$")
-		cmd.Env = append(os.Environ(), "WSAMQP_PROCESS_ARGS=-addr 127.0.0.1:0 -rate 0 -amqp "+broker.url+" -exchange "+exchange)
-		stdout, err := cmd.StdoutPipe()
-		must(t, err)
-		must(t, cmd.Start())
-		defer cmd.Process.Kill()
-		lines := bufio.NewScanner(stdout)
-		serving := regexp.MustCompile(`msg="serving chat" url=http://(\S+)`)
-		var addr string
-		for addr == "" && lines.Scan() {
-			if m := serving.FindStringSubmatch(lines.Text()); m != nil {
-				addr = m[1]
-			}
-		}
-		if addr == "" {
-			t.Fatal("the process ended before serving")
-		}
+		cmd, addr, lines := startProgram(t, "-rate 0 -amqp "+broker.url+" -exchange "+exchange+" -stream "+exchange)
 		var log strings.Builder
 		logged := make(chan struct{})
 		go func() {

@@ -64,7 +64,8 @@ func startRun(t *testing.T, args ...string) (string, *syncBuffer, func() error) 
 
 func TestRunServesAndExitsCleanly(t *testing.T) {
 	forEachBroker(t, func(t *testing.T, broker testBroker) {
-		base, out, stop := startRun(t, "-amqp", broker.url, "-exchange", testExchange(t, broker))
+		exchange := testExchange(t, broker)
+		base, out, stop := startRun(t, "-amqp", broker.url, "-exchange", exchange, "-stream", exchange)
 		for path, want := range map[string]int{"/": 200, "/chat.js": 200, "/healthz": 200, "/ws": 400, "/nope": 404} {
 			resp, err := http.Get(base + path)
 			if err != nil {

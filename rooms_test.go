@@ -56,7 +56,7 @@ type v1Conn struct {
 }
 
 // next returns the next line, failing the test if none comes.
-func (c *v1Conn) next(t *testing.T) v1Line {
+func (c *v1Conn) next(t testing.TB) v1Line {
 	t.Helper()
 	for len(c.pending) == 0 {
 		c.SetReadDeadline(time.Now().Add(waitFor))
@@ -79,7 +79,7 @@ func (c *v1Conn) next(t *testing.T) v1Line {
 
 // untilReady returns the payloads before the ready event, whether a gap
 // came first, and the ready event's offset.
-func (c *v1Conn) untilReady(t *testing.T) (payloads []string, offsets []int64, gap bool, ready int64) {
+func (c *v1Conn) untilReady(t testing.TB) (payloads []string, offsets []int64, gap bool, ready int64) {
 	t.Helper()
 	for i := 0; ; i++ {
 		l := c.next(t)
@@ -101,7 +101,7 @@ func (c *v1Conn) untilReady(t *testing.T) (payloads []string, offsets []int64, g
 }
 
 // message returns the next message line's payload and offset.
-func (c *v1Conn) message(t *testing.T) (string, int64) {
+func (c *v1Conn) message(t testing.TB) (string, int64) {
 	t.Helper()
 	l := c.next(t)
 	if l.Offset == nil || l.Event != "" {
@@ -343,6 +343,54 @@ func TestRepublishedLineReachesOnce(t *testing.T) {
 				t.Fatalf("resume, history-max %d: %q, want once, after", historyMax, got)
 			}
 			exchange = testExchange(t, broker) // a fresh stream for the second round
+		}
+	})
+}
+
+// A bridge killed with SIGKILL and started again: a browser that comes
+// back to it with since gets exactly what was sent meanwhile (here by
+// another producer, straight to the exchange, since no bridge was up),
+// then live lines. The broker outlives the bridge; the embedded one here
+// is the tests' own, served on TCP.
+func TestResumeAfterTheBridgeIsKilled(t *testing.T) {
+	forEachBroker(t, func(t *testing.T, broker testBroker) {
+		exchange := testExchange(t, broker)
+		args := "-amqp " + broker.url + " -exchange " + exchange + " -stream " + exchange
+		first, addr, _ := startProgram(t, args)
+		dial := func(addr string, q url.Values) *v1Conn {
+			d := websocket.Dialer{Subprotocols: []string{ProtocolV1}}
+			conn, _, err := d.Dial("ws://"+addr+"/ws?"+q.Encode(), nil)
+			must(t, err)
+			t.Cleanup(func() { conn.Close() })
+			return &v1Conn{Conn: conn}
+		}
+		c := dial(addr, room("k", "history", "0"))
+		c.untilReady(t)
+		must(t, c.WriteMessage(websocket.TextMessage, []byte("before")))
+		_, last := c.message(t)
+
+		must(t, first.Process.Kill()) // SIGKILL: no goodbye, no drain
+		first.Wait()
+		ch := openChannel(t, dialURL(t, broker.url))
+		must(t, ch.Confirm(false))
+		for i := range 5 {
+			dc, err := ch.PublishWithDeferredConfirm(exchange, "k", false, false, amqp.Publishing{Body: fmt.Appendf(nil, "while down:%d", i)})
+			must(t, err)
+			if !dc.Wait() {
+				t.Fatal("publish nacked")
+			}
+		}
+
+		_, addr, _ = startProgram(t, args)
+		back := dial(addr, room("k", "since", fmt.Sprint(last)))
+		got, _, gap, _ := back.untilReady(t)
+		want := []string{"while down:0", "while down:1", "while down:2", "while down:3", "while down:4"}
+		if !slices.Equal(got, want) || gap {
+			t.Fatalf("after SIGKILL and a restart: %q gap=%v, want %q", got, gap, want)
+		}
+		must(t, back.WriteMessage(websocket.TextMessage, []byte("live")))
+		if got, _ := back.message(t); got != "live" {
+			t.Fatalf("then %q, want live", got)
 		}
 	})
 }
