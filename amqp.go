@@ -105,6 +105,8 @@ type AMQPPlugin struct {
 	// next session. Only the supervising goroutine touches it.
 	retry []outgoing
 
+	metrics *Metrics // set by newBridge before the bus starts; nil counts nothing
+
 	// seen drops redeliveries of messages already handed to the bus, and
 	// next is the stream offset to read from after a reconnection. Only
 	// the consuming goroutine touches them, one session at a time.
@@ -128,15 +130,17 @@ type Message struct {
 	Offset int64
 	Room   string
 	Body   []byte
+	Sent   int64 // when it reached a bridge from a browser, Unix nanoseconds (its x-wsamqp-received header); 0 if unknown
 }
 
 // outgoing is a browser message on its way to the exchange. Its id is
 // given once, so that a message published again after a lost confirm
 // keeps it, and consumers can drop the duplicate.
 type outgoing struct {
-	id   string
-	room string
-	body []byte
+	id       string
+	room     string
+	body     []byte
+	received int64 // when it reached this bridge, Unix nanoseconds
 }
 
 // NewAMQPPlugin returns the AMQP plugin for b. Call Subscribe to plug it in.
@@ -253,7 +257,7 @@ func (p *AMQPPlugin) ws2amqp(body []byte, room string, cancel <-chan struct{}) e
 	}
 	defer p.mu.Unlock()
 	p.outboxBytes += size
-	p.outbox <- outgoing{id: p.id + "-" + strconv.FormatUint(p.seq.Add(1), 36), room: room, body: body} // never blocks: there is room, under p.mu
+	p.outbox <- outgoing{id: p.id + "-" + strconv.FormatUint(p.seq.Add(1), 36), room: room, body: body, received: time.Now().UnixNano()} // never blocks: there is room, under p.mu
 	return nil
 }
 
@@ -297,10 +301,16 @@ func (p *AMQPPlugin) amqp2ws(d amqp.Delivery) {
 	}
 	p.next = offset + 1
 	if d.AppId == "wsamqp" && p.seen.duplicate(d.MessageId, d.Body) {
+		p.metrics.droppedMessage("duplicate")
 		return
 	}
-	p.bus.Publish(ChannelAMQP2WS, Message{Offset: offset, Room: cmp.Or(d.RoutingKey, LobbyRoom), Body: d.Body})
+	sent, _ := d.Headers[receivedHeader].(int64)
+	p.bus.Publish(ChannelAMQP2WS, Message{Offset: offset, Room: cmp.Or(d.RoutingKey, LobbyRoom), Body: d.Body, Sent: sent})
 }
+
+// receivedHeader carries when a browser's message reached its bridge, in
+// Unix nanoseconds: the start of its journey, for the latency metric.
+const receivedHeader = "x-wsamqp-received"
 
 // streamOffset returns a delivery's offset in its stream.
 func streamOffset(d amqp.Delivery) (int64, bool) {
@@ -359,6 +369,7 @@ func (p *AMQPPlugin) dial() (*session, error) {
 	p.current = s
 	p.mu.Unlock()
 	p.setUp(true)
+	p.metrics.connectedTo(nodeOf(p.cfg.URL))
 	p.bus.Log("amqp connected", slog.LevelInfo, "url", RedactURL(p.cfg.URL), "exchange", p.cfg.Exchange, "stream", p.cfg.Stream, "from", p.startOffset())
 	return s, nil
 }
@@ -609,6 +620,7 @@ func (p *AMQPPlugin) reconnect() *session {
 		}
 		s, err := p.dial()
 		if err == nil {
+			p.metrics.reconnected()
 			p.bus.Log("amqp reconnected", slog.LevelInfo, "attempts", attempt, "republishing", len(p.retry))
 			return s
 		}
@@ -756,6 +768,7 @@ func (p *AMQPPlugin) publishBatch(s *session, batch []outgoing) error {
 	confirms := make([]*amqp.DeferredConfirmation, 0, len(batch))
 	for i, msg := range batch {
 		dc, err := s.publisher.PublishWithDeferredConfirm(p.cfg.Exchange, msg.room, false, false, amqp.Publishing{
+			Headers:     amqp.Table{receivedHeader: msg.received},
 			ContentType: "text/plain; charset=utf-8",
 			Timestamp:   time.Now(),
 			MessageId:   msg.id,
@@ -785,7 +798,19 @@ func (p *AMQPPlugin) keepUnconfirmed(batch []outgoing, confirms []*amqp.Deferred
 		}
 	}
 	p.retry = append(nacked, p.retry...)
+	p.metrics.publishedMessages(len(confirms))
+	p.metrics.confirmedMessages(len(confirms) - len(nacked))
 	return len(nacked)
+}
+
+// nodeOf names the broker node of a URL: its host and port, never its
+// credentials.
+func nodeOf(u string) string {
+	parsed, err := url.Parse(u)
+	if err != nil {
+		return "(unparsable)"
+	}
+	return parsed.Host
 }
 
 // RedactURL returns u with its password replaced by "xxxxx", so that it

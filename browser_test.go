@@ -68,11 +68,18 @@ type chatPage struct {
 // another person's browser would have) and waits until it is connected.
 func openPage(t *testing.T, browser context.Context, name, url string) *chatPage {
 	t.Helper()
+	p := navigate(t, browser, name, url)
+	p.waitState("connected")
+	return p
+}
+
+// navigate opens url in a browser context of its own.
+func navigate(t *testing.T, browser context.Context, name, url string) *chatPage {
+	t.Helper()
 	ctx, cancel := chromedp.NewContext(browser, chromedp.WithNewBrowserContext())
 	t.Cleanup(cancel)
 	p := &chatPage{t: t, name: name, ctx: ctx}
 	p.do(chromedp.Navigate(url))
-	p.waitState("connected")
 	return p
 }
 
@@ -278,6 +285,56 @@ func TestBrowserRoomsAndResume(t *testing.T) {
 	also.do(chromedp.Evaluate[chromedp.Void](`location.hash = "blue"`))
 	also.waitState("connected")
 	checkLines(t, "red too, now in blue", also.waitLines(1), chatLine{"anonymous", "in blue"})
+}
+
+// The /debug page draws the bus while two windows chat: every channel's
+// listeners in priority order, and the publish counts moving.
+func TestBrowserDebugPage(t *testing.T) {
+	browser := newBrowser(t)
+	broker := testBrokers(t)[0]
+	tb := startBridge(t, testAMQPConfig(broker.url, testExchange(t, broker)), testWSConfig())
+	a := openPage(t, browser, "window A", tb.server.URL)
+	b := openPage(t, browser, "window B", tb.server.URL)
+	a.waitState("connected")
+	b.waitState("connected")
+	debug := navigate(t, browser, "debug", tb.server.URL+"/debug/")
+
+	listeners := func(channel string) string {
+		got, err := chromedp.Run(debug.ctx, chromedp.Evaluate[string](fmt.Sprintf(
+			`[...document.querySelectorAll('tr[data-channel=%q] .listener')].map(l => l.textContent).join(" ")`, channel)))
+		must(t, err)
+		return got
+	}
+	published := func(channel string) int {
+		got, err := chromedp.Run(debug.ctx, chromedp.Evaluate[int](fmt.Sprintf(
+			`Number(document.querySelector('tr[data-channel=%q] .published')?.textContent ?? -1)`, channel)))
+		must(t, err)
+		return got
+	}
+	debug.do(chromedp.Poll[chromedp.Void](`document.querySelector('tr[data-channel="start"]') !== null`, chromedp.WithPollingTimeout(waitFor)))
+	for channel, want := range map[string]string{
+		"start":   "amqp (40) ws (60)",
+		"stop":    "ws (40) amqp (60)",
+		"ws2amqp": "amqp (50)",
+		"amqp2ws": "ws (50)",
+	} {
+		if got := listeners(channel); got != want {
+			t.Errorf("/debug shows %s's listeners as %q, want %q", channel, got, want)
+		}
+	}
+	before := published("amqp2ws")
+	for i := range 5 {
+		a.say(fmt.Sprint("watched ", i))
+	}
+	b.waitLines(5)
+	poll(t, "the page's publish count of amqp2ws moves", func() bool { return published("amqp2ws") >= before+5 })
+
+	if path := os.Getenv("WSAMQP_DEBUG_SCREENSHOT"); path != "" {
+		raw, err := chromedp.Run(debug.ctx, chromedp.FullScreenshot(100))
+		must(t, err)
+		must(t, os.WriteFile(path, raw, 0o644))
+		t.Logf("screenshot saved to %s", path)
+	}
 }
 
 // screenshot saves a picture of two pages side by side, mid-conversation.

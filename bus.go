@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/signal"
 	"slices"
@@ -114,6 +115,7 @@ type Bus struct {
 	state     State
 	changed   chan struct{} // closed and replaced on every state change
 	listeners map[string][]listener
+	published map[string]uint64 // publishes per bus channel, for /debug and /metrics
 	seq       uint64
 	exiting   bool          // Exit has begun; later calls return at once
 	exitAsked bool          // Exit was called while STARTING: Start exits once its listeners return
@@ -127,6 +129,7 @@ func NewBus(logger *slog.Logger) *Bus {
 	b := &Bus{
 		changed:   make(chan struct{}),
 		listeners: make(map[string][]listener),
+		published: make(map[string]uint64),
 		exited:    make(chan struct{}),
 	}
 	if logger != nil {
@@ -200,6 +203,7 @@ func (b *Bus) Unsubscribe(channel, name string) {
 func (b *Bus) Publish(channel string, args ...any) ([]any, error) {
 	b.mu.Lock()
 	ls := b.listeners[channel] // copied on write, so safe to range without the lock
+	b.published[channel]++
 	b.mu.Unlock()
 
 	var outputs []any
@@ -230,6 +234,49 @@ func call(channel string, l listener, args []any) (out any, err error) {
 		err = fmt.Errorf("bus: listener %q on channel %q: %w", l.name, channel, err)
 	}
 	return out, err
+}
+
+// BusSnapshot is the bus as /debug draws it: its state, and every bus
+// channel with its listeners in the order they run and how many times it
+// was published on.
+type BusSnapshot struct {
+	State    string            `json:"state"`
+	Channels []ChannelSnapshot `json:"channels"`
+}
+
+// ChannelSnapshot is one bus channel in a BusSnapshot.
+type ChannelSnapshot struct {
+	Name      string             `json:"name"`
+	Published uint64             `json:"published"`
+	Listeners []ListenerSnapshot `json:"listeners"`
+}
+
+// ListenerSnapshot is one listener in a ChannelSnapshot.
+type ListenerSnapshot struct {
+	Name     string `json:"name"`
+	Priority int    `json:"priority"`
+}
+
+// Snapshot returns the bus's state and bus channels, sorted by name.
+func (b *Bus) Snapshot() BusSnapshot {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	snap := BusSnapshot{State: b.state.String()}
+	names := make(map[string]bool, len(b.listeners)+len(b.published))
+	for name := range b.listeners {
+		names[name] = true
+	}
+	for name := range b.published {
+		names[name] = true
+	}
+	for _, name := range slices.Sorted(maps.Keys(names)) {
+		c := ChannelSnapshot{Name: name, Published: b.published[name], Listeners: []ListenerSnapshot{}}
+		for _, l := range b.listeners[name] {
+			c.Listeners = append(c.Listeners, ListenerSnapshot{l.name, l.priority})
+		}
+		snap.Channels = append(snap.Channels, c)
+	}
+	return snap
 }
 
 // Log publishes msg on the "log" channel. attrs are slog key/value pairs.

@@ -72,6 +72,7 @@ func exitStatus(err error) int {
 // config is everything the flags say.
 type config struct {
 	addr              string
+	metricsAddr       string   // where /metrics and /debug/ are served; empty for addr
 	hosts             []string // host names the server answers to besides loopback ones; "*" for any
 	readHeaderTimeout time.Duration
 	maxHeaderBytes    int
@@ -104,6 +105,7 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	// posts' demo: serving a network is a choice made with -addr.
 	fs.StringVar(&cfg.addr, "addr", "localhost:8888", "HTTP `address` to serve the chat page and /ws on")
 	hosts := fs.String("hosts", "", "comma-separated host `names` the server answers to when -addr is not loopback (\"*\" for any); on loopback it answers to loopback names only")
+	fs.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve /metrics and /debug/ on this `address` (e.g. 127.0.0.1:9464) instead of -addr")
 	fs.StringVar(&cfg.amqp.URL, "amqp", "", "AMQP broker `URL` (default $AMQP_URL; none: the embedded broker)")
 	fs.StringVar(&cfg.amqp.Exchange, "exchange", "wsamqp", "fanout `exchange` shared by every wsamqp process")
 	origins := fs.String("origin", "", "comma-separated `origins` allowed to open /ws besides the page's own (e.g. https://chat.example.com)")
@@ -299,6 +301,11 @@ func (cfg *config) validate(set flagSet, urlFlag string) error {
 	if _, _, err := net.SplitHostPort(cfg.addr); err != nil {
 		return usageError("addr", "%v", err)
 	}
+	if cfg.metricsAddr != "" {
+		if _, _, err := net.SplitHostPort(cfg.metricsAddr); err != nil {
+			return usageError("metrics-addr", "%v", err)
+		}
+	}
 	if !isLoopbackAddr(cfg.addr) && len(cfg.hosts) == 0 {
 		return usageError("hosts", "-addr %s serves a network: give the host names browsers reach it by (e.g. -hosts chat.example.com,192.0.2.10), or \"*\" for any; without them a page on any site could reach the chat through DNS rebinding", cfg.addr)
 	}
@@ -387,30 +394,12 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 
 	br := newBridge(b, cfg.amqp, cfg.ws)
-	srv := &http.Server{
-		Addr:              cfg.addr,
-		Handler:           checkHost(br.handler, cfg.hosts),
-		ReadHeaderTimeout: cfg.readHeaderTimeout, // a slowloris gets this long to send its headers
-		MaxHeaderBytes:    cfg.maxHeaderBytes,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	handler := br.handler
+	if cfg.metricsAddr != "" {
+		handler = withoutDebug(br.handler)
+		serveOn(b, "metrics", cfg.metricsAddr, checkHost(br.debug, cfg.hosts), cfg, logger)
 	}
-	b.Subscribe(ChannelStart, "http", PriorityWebStart, func(...any) (any, error) {
-		ln, err := net.Listen("tcp", cfg.addr)
-		if err != nil {
-			return nil, fmt.Errorf("http listen: %w", err)
-		}
-		b.Log("serving chat", slog.LevelInfo, "url", "http://"+displayAddr(ln.Addr()))
-		go srv.Serve(ln)
-		return nil, nil
-	})
-	// The server stops taking requests before the hub says goodbye to the
-	// browsers it already has.
-	b.Subscribe(ChannelStop, "http", PriorityWebStop-1, func(...any) (any, error) {
-		shutdown, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
-		defer cancel()
-		return nil, srv.Shutdown(shutdown)
-	})
+	serveOn(b, "chat", cfg.addr, checkHost(handler, cfg.hosts), cfg, logger)
 
 	NewSignalHandler(b).Subscribe()
 	stop := context.AfterFunc(ctx, b.Exit)
@@ -443,6 +432,45 @@ func startEmbeddedBroker(b *Bus, cfg *config) error {
 		b.Log("embedded broker listening", slog.LevelInfo, "url", "amqp://"+cfg.broker.User+":xxxxx@"+addr.String()+"/")
 	}
 	return nil
+}
+
+// withoutDebug answers 404 for /metrics and /debug/, which -metrics-addr
+// moved to another address.
+func withoutDebug(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/metrics" || strings.HasPrefix(r.URL.Path, "/debug/") {
+			http.NotFound(w, r)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// serveOn serves h on addr while the bus runs: it listens when the bus
+// starts, after the broker link is up, and stops taking requests when the
+// bus stops, before the hub says goodbye to the browsers it already has.
+func serveOn(b *Bus, name, addr string, h http.Handler, cfg config, logger *slog.Logger) {
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: cfg.readHeaderTimeout, // a slowloris gets this long to send its headers
+		MaxHeaderBytes:    cfg.maxHeaderBytes,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	b.Subscribe(ChannelStart, name, PriorityWebStart, func(...any) (any, error) {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("%s listen: %w", name, err)
+		}
+		b.Log("serving "+name, slog.LevelInfo, "url", "http://"+displayAddr(ln.Addr()))
+		go srv.Serve(ln)
+		return nil, nil
+	})
+	b.Subscribe(ChannelStop, name, PriorityWebStop-1, func(...any) (any, error) {
+		shutdown, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
+		defer cancel()
+		return nil, srv.Shutdown(shutdown)
+	})
 }
 
 // checkHost answers only requests for the host names the server is
@@ -488,20 +516,33 @@ type bridge struct {
 	bus     *Bus
 	amqp    *AMQPPlugin
 	hub     *Hub
-	handler http.Handler
+	metrics *Metrics
+	handler http.Handler // the page, /ws, /healthz, /metrics and /debug/
+	debug   http.Handler // /metrics and /debug/ alone, for -metrics-addr
 }
 
 // newBridge creates the AMQP plugin and the hub and subscribes them to b.
 func newBridge(b *Bus, amqpCfg AMQPConfig, wsCfg WSConfig) *bridge {
-	br := &bridge{bus: b, amqp: NewAMQPPlugin(b, amqpCfg), hub: NewHub(b, wsCfg)}
+	br := &bridge{bus: b, amqp: NewAMQPPlugin(b, amqpCfg), hub: NewHub(b, wsCfg), metrics: NewMetrics()}
+	br.amqp.metrics, br.hub.metrics = br.metrics, br.metrics
+	br.metrics.register(br)
 	br.amqp.Subscribe()
 	br.hub.Subscribe()
 
 	page, _ := fs.Sub(static, "static")
+	files := securityHeaders(http.FileServerFS(page))
+	debug := http.NewServeMux()
+	debug.Handle("GET /metrics", br.metrics.handler())
+	debug.HandleFunc("GET /debug/state", br.debugStateHandler)
+	debug.Handle("GET /debug/", files)
+	br.debug = debug
+
 	mux := http.NewServeMux()
-	mux.Handle("GET /", securityHeaders(http.FileServerFS(page)))
+	mux.Handle("GET /", files)
 	mux.Handle("GET /ws", br.hub)
 	mux.HandleFunc("GET /healthz", br.healthz)
+	mux.Handle("GET /metrics", debug)
+	mux.Handle("GET /debug/", debug)
 	br.handler = mux
 	return br
 }

@@ -80,6 +80,8 @@ type Hub struct {
 	live     chan struct{} // closed once the AMQP plugin has caught up with the stream
 	liveOnce sync.Once
 
+	metrics *Metrics // set by newBridge before the bus starts; nil counts nothing
+
 	wg sync.WaitGroup // one count per reader and per writer goroutine; added to under mu while !closing
 }
 
@@ -202,11 +204,15 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		h.rooms[c.room][c] = struct{}{}
 		if c.v1 {
-			var slow bool
-			if c.queue, slow = h.joinLines(j); slow {
+			lines, slow := h.joinLines(j)
+			if slow {
 				c.gated, through = true, h.lastOffset
 			} else {
+				c.queue = events(lines)
 				c.wake <- struct{}{} // its history and ready event wait for the writer
+				if j.since >= 0 || j.history > 0 {
+					h.metrics.replay("cache", slices.Equal(lines[0], gapLine))
+				}
 			}
 		}
 	}
@@ -242,10 +248,12 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			lines, err := h.replayLines(j, through)
 			if err != nil {
 				h.bus.Log("replay failed", slog.LevelWarn, "remote", c.remote, "room", c.room, "since", j.since, "err", err)
+				h.metrics.browserCut("replay")
 				c.close(websocket.CloseTryAgainLater, "history unavailable: try again later")
 				return
 			}
-			c.ungate(lines)
+			h.metrics.replay("stream", slices.Equal(lines[0], gapLine))
+			c.ungate(events(lines))
 		}
 	}
 }
@@ -291,8 +299,14 @@ func (h *Hub) broadcast(msg Message) error {
 		h.mu.Lock()
 		h.lastOffset = max(h.lastOffset, msg.Offset)
 		h.mu.Unlock()
+		if int64(len(msg.Body)) > h.cfg.MaxMessage {
+			h.metrics.droppedMessage("size")
+		} else {
+			h.metrics.droppedMessage("utf8")
+		}
 		return refused
 	}
+	h.metrics.delivery()
 	line := encodeLine(msg.Offset, msg.Body)
 	var frame []byte // made for the first raw-mode browser
 	var slow []*client
@@ -307,12 +321,12 @@ func (h *Hub) broadcast(msg Message) error {
 	h.lastOffset = msg.Offset
 	h.cache.add(msg.Room, cachedLine{offset: msg.Offset, line: line})
 	for c := range h.rooms[msg.Room] {
-		item := line
+		item := queued{line, msg.Sent}
 		if !c.v1 {
 			if frame == nil {
 				frame = textFrame(msg.Body)
 			}
-			item = frame
+			item.b = frame
 		}
 		if !c.enqueue(item) && c.close(websocket.ClosePolicyViolation, "too slow: send queue full") {
 			slow = append(slow, c)
@@ -323,6 +337,7 @@ func (h *Hub) broadcast(msg Message) error {
 		h.bus.Log("stream offsets went back: the stream was made anew; history restarts", slog.LevelWarn, "from", from, "to", msg.Offset)
 	}
 	for _, c := range slow {
+		h.metrics.browserCut("slow")
 		h.bus.Log("browser cut off as too slow", slog.LevelWarn, "remote", c.remote, "queue", h.cfg.SendQueue, "queue_bytes", h.cfg.SendQueueBytes)
 	}
 	return nil
@@ -395,7 +410,7 @@ type client struct {
 	// that arrived live; while gated, a replay from the stream is being
 	// read, to go first, and the writer waits.
 	mu     sync.Mutex
-	queue  [][]byte
+	queue  []queued
 	queued int64
 	gated  bool
 	wake   chan struct{} // capacity 1: one pending wake-up is enough for any number of frames
@@ -407,15 +422,33 @@ type client struct {
 	readDone chan struct{} // closed when the reader has returned
 }
 
+// queued is a frame or v1 line waiting for a browser's writer, with when
+// its message reached a bridge (Unix nanoseconds; 0 for the bridge's own
+// events), for the latency metric.
+type queued struct {
+	b    []byte
+	sent int64
+}
+
+// events makes queue items of lines the bridge writes itself (history is
+// not live, so it is not timed either).
+func events(lines [][]byte) []queued {
+	items := make([]queued, len(lines))
+	for i, l := range lines {
+		items[i] = queued{b: l}
+	}
+	return items
+}
+
 // enqueue queues a frame for the writer. It reports false, queueing
 // nothing, when the browser already has SendQueue frames or SendQueueBytes
 // bytes waiting: it is not keeping up.
-func (c *client) enqueue(frame []byte) bool {
+func (c *client) enqueue(item queued) bool {
 	c.mu.Lock()
-	full := len(c.queue) >= c.hub.cfg.SendQueue || c.queued+int64(len(frame)) > c.hub.cfg.SendQueueBytes
+	full := len(c.queue) >= c.hub.cfg.SendQueue || c.queued+int64(len(item.b)) > c.hub.cfg.SendQueueBytes
 	if !full {
-		c.queue = append(c.queue, frame)
-		c.queued += int64(len(frame))
+		c.queue = append(c.queue, item)
+		c.queued += int64(len(item.b))
 	}
 	c.mu.Unlock()
 	if !full {
@@ -430,7 +463,7 @@ func (c *client) enqueue(frame []byte) bool {
 // take returns what is queued and empties the queue, handing back the
 // previous batch's slice (emptied) to be filled next, so that a busy
 // browser allocates nothing per batch and an idle one holds little.
-func (c *client) take(spare [][]byte) [][]byte {
+func (c *client) take(spare []queued) []queued {
 	clear(spare)
 	if cap(spare) > maxSpareBatch {
 		spare = nil
@@ -447,7 +480,7 @@ func (c *client) take(spare [][]byte) [][]byte {
 
 // ungate puts a replay's lines before what arrived live meanwhile, and
 // lets the writer go.
-func (c *client) ungate(lines [][]byte) {
+func (c *client) ungate(lines []queued) {
 	c.mu.Lock()
 	c.queue = append(lines, c.queue...)
 	c.gated = false
@@ -460,11 +493,22 @@ func (c *client) ungate(lines [][]byte) {
 
 // write sends a batch: frames as they are, or wsamqp.v1 lines gathered
 // into frames.
-func (c *client) write(batch [][]byte) error {
-	if c.v1 {
-		return c.raw.writeFrames(frameLines(nil, batch), c.hub.cfg.WriteWait)
+func (c *client) write(batch []queued) error {
+	if len(batch) == 0 {
+		return nil
 	}
-	return c.raw.writeFrames(batch, c.hub.cfg.WriteWait)
+	bufs := make([][]byte, len(batch))
+	for i, it := range batch {
+		bufs[i] = it.b
+	}
+	if c.v1 {
+		bufs = frameLines(nil, bufs)
+	}
+	if err := c.raw.writeFrames(bufs, c.hub.cfg.WriteWait); err != nil {
+		return err
+	}
+	c.hub.metrics.wrote(batch, time.Now())
+	return nil
 }
 
 // maxSpareBatch bounds the frames slice a browser keeps between batches:
@@ -500,6 +544,9 @@ func (c *client) readLoop() {
 	limit := newTokenBucket(h.cfg.Rate, h.cfg.Burst)
 	refused := false
 	refuse := func(code int, reason string) {
+		why := closeReason(code)
+		h.metrics.refusedMessage(why)
+		h.metrics.browserCut(why)
 		h.bus.Log("browser message refused", slog.LevelInfo, "remote", c.remote, "code", code, "reason", reason)
 		c.close(code, reason)
 		refused = true
@@ -535,6 +582,7 @@ func (c *client) readLoop() {
 		if err != nil {
 			return
 		}
+		h.metrics.browserMessage()
 		code, reason := c.accept(kind, msg)
 		if code == 0 && !limit.allow(time.Now()) {
 			code, reason = websocket.ClosePolicyViolation, tooMany
@@ -546,6 +594,37 @@ func (c *client) readLoop() {
 			refuse(code, reason)
 		}
 	}
+}
+
+// closeReason names a close code for the metrics' reason label.
+func closeReason(code int) string {
+	switch code {
+	case websocket.CloseMessageTooBig:
+		return "size"
+	case websocket.CloseInvalidFramePayloadData:
+		return "utf8"
+	case websocket.CloseUnsupportedData:
+		return "binary"
+	case websocket.ClosePolicyViolation:
+		return "rate"
+	case websocket.CloseTryAgainLater:
+		return "outbox_full"
+	case websocket.CloseGoingAway:
+		return "stopping"
+	}
+	return "internal"
+}
+
+// roomCounts returns the last offset broadcast and how many browsers are
+// in each room, for /debug.
+func (h *Hub) roomCounts() (int64, map[string]int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	rooms := make(map[string]int, len(h.rooms))
+	for name, cs := range h.rooms {
+		rooms[name] = len(cs)
+	}
+	return h.lastOffset, rooms
 }
 
 // accept checks a browser message. It returns 0 if the message is
@@ -585,7 +664,7 @@ func (c *client) publish(msg []byte) (code int, reason string) {
 func (c *client) writeLoop() {
 	h := c.hub
 	ping := time.NewTicker(h.cfg.pingPeriod())
-	var batch [][]byte
+	var batch []queued
 	defer func() {
 		ping.Stop()
 		c.conn.Close()
@@ -622,7 +701,7 @@ func (c *client) writeLoop() {
 // goodbye ends the connection the way close asked: on shutdown it first
 // delivers what is queued, then it sends the close frame and waits a little
 // for the browser's answer.
-func (c *client) goodbye(spare [][]byte) {
+func (c *client) goodbye(spare []queued) {
 	if c.code == 0 {
 		return
 	}
