@@ -131,6 +131,10 @@ type Message struct {
 	Room   string
 	Body   []byte
 	Sent   int64 // when it reached a bridge from a browser, Unix nanoseconds (its x-wsamqp-received header); 0 if unknown
+
+	// The rest of its journey, Unix nanoseconds; 0 if unknown.
+	Published int64 // when that bridge published it (x-wsamqp-published)
+	Consumed  int64 // when this bridge read it from the stream
 }
 
 // outgoing is a browser message on its way to the exchange. Its id is
@@ -305,12 +309,20 @@ func (p *AMQPPlugin) amqp2ws(d amqp.Delivery) {
 		return
 	}
 	sent, _ := d.Headers[receivedHeader].(int64)
-	p.bus.Publish(ChannelAMQP2WS, Message{Offset: offset, Room: cmp.Or(d.RoutingKey, LobbyRoom), Body: d.Body, Sent: sent})
+	published, _ := d.Headers[publishedHeader].(int64)
+	p.bus.Publish(ChannelAMQP2WS, Message{
+		Offset: offset, Room: cmp.Or(d.RoutingKey, LobbyRoom), Body: d.Body,
+		Sent: sent, Published: published, Consumed: time.Now().UnixNano(),
+	})
 }
 
-// receivedHeader carries when a browser's message reached its bridge, in
-// Unix nanoseconds: the start of its journey, for the latency metric.
-const receivedHeader = "x-wsamqp-received"
+// The headers that carry a browser message's journey, in Unix
+// nanoseconds: when it reached its bridge (the start, for the latency
+// metric), and when that bridge published it.
+const (
+	receivedHeader  = "x-wsamqp-received"
+	publishedHeader = "x-wsamqp-published"
+)
 
 // streamOffset returns a delivery's offset in its stream.
 func streamOffset(d amqp.Delivery) (int64, bool) {
@@ -768,7 +780,7 @@ func (p *AMQPPlugin) publishBatch(s *session, batch []outgoing) error {
 	confirms := make([]*amqp.DeferredConfirmation, 0, len(batch))
 	for i, msg := range batch {
 		dc, err := s.publisher.PublishWithDeferredConfirm(p.cfg.Exchange, msg.room, false, false, amqp.Publishing{
-			Headers:     amqp.Table{receivedHeader: msg.received},
+			Headers:     amqp.Table{receivedHeader: msg.received, publishedHeader: time.Now().UnixNano()},
 			ContentType: "text/plain; charset=utf-8",
 			Timestamp:   time.Now(),
 			MessageId:   msg.id,

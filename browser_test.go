@@ -11,6 +11,7 @@ import (
 	"image/png"
 	"os"
 	"os/exec"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -149,6 +150,18 @@ func TestBrowserChat(t *testing.T) {
 	hello := chatLine{"alice", "hello from A"}
 	checkLines(t, "A", a.waitLines(1), hello)
 	checkLines(t, "B", b.waitLines(1), hello)
+
+	// Each live line tells its journey, hop by hop, on hover (its title)
+	// and on a tap.
+	title, err := chromedp.Run(b.ctx, chromedp.Evaluate[string](`document.querySelector("#log li:not(.note)").title`))
+	if err != nil || !regexp.MustCompile(`^browser → bridge -?[0-9.]+ ms · in the bridge -?[0-9.]+ ms · bridge → broker → bridge -?[0-9.]+ ms · bridge → browser -?[0-9.]+ ms · total [0-9.]+ ms$`).MatchString(title) {
+		t.Errorf("B's line's journey: %q (%v)", title, err)
+	}
+	b.do(chromedp.Click(`#log li:not(.note)`))
+	if shown, err := chromedp.Run(b.ctx, chromedp.Evaluate[string](`document.querySelector("#log li .journey")?.textContent ?? ""`)); err != nil || shown != title {
+		t.Errorf("a tap shows %q (%v), want the journey", shown, err)
+	}
+	b.do(chromedp.Click(`#log li:not(.note)`))
 
 	// The send button works too, and a reply from B reaches A.
 	a.do(chromedp.SendKeys(chromedp.ID("text"), "sent with the button"), chromedp.Click(chromedp.ID("send")))

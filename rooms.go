@@ -226,17 +226,23 @@ func (rc *roomCache) after(room string, offset int64) ([]cachedLine, bool) {
 
 // encodeLine makes a message's wsamqp.v1 line: {"offset":N,"data":...}
 // when the payload is JSON (compacted onto one line), else
-// {"offset":N,"text":"..."}.
-func encodeLine(offset int64, body []byte) []byte {
+// {"offset":N,"text":"..."}; then, for a line from a browser, its journey
+// through the bridges so far, in Unix milliseconds: "t":{"in": reached its
+// bridge, "out": published, "back": read from the stream by this one}.
+func encodeLine(msg Message) []byte {
 	var b bytes.Buffer
-	fmt.Fprintf(&b, `{"offset":%d,`, offset)
-	if json.Valid(body) {
+	fmt.Fprintf(&b, `{"offset":%d,`, msg.Offset)
+	if json.Valid(msg.Body) {
 		b.WriteString(`"data":`)
-		json.Compact(&b, body)
+		json.Compact(&b, msg.Body)
 	} else {
-		text, _ := json.Marshal(string(body))
+		text, _ := json.Marshal(string(msg.Body))
 		b.WriteString(`"text":`)
 		b.Write(text)
+	}
+	if msg.Sent > 0 && msg.Published > 0 && msg.Consumed > 0 {
+		ms := func(ns int64) float64 { return float64(ns) / 1e6 }
+		fmt.Fprintf(&b, `,"t":{"in":%.3f,"out":%.3f,"back":%.3f}`, ms(msg.Sent), ms(msg.Published), ms(msg.Consumed))
 	}
 	b.WriteByte('}')
 	return b.Bytes()
@@ -332,7 +338,7 @@ func (h *Hub) replayLines(j join, through int64) ([][]byte, error) {
 	}
 	ready := j.since
 	for _, m := range res.Messages {
-		lines = append(lines, encodeLine(m.Offset, m.Body))
+		lines = append(lines, encodeLine(m))
 		ready = m.Offset
 	}
 	return append(lines, readyLine(j.room, ready)), nil

@@ -307,7 +307,7 @@ func (h *Hub) broadcast(msg Message) error {
 		return refused
 	}
 	h.metrics.delivery()
-	line := encodeLine(msg.Offset, msg.Body)
+	line := encodeLine(msg)
 	var frame []byte // made for the first raw-mode browser
 	var slow []*client
 	h.mu.Lock()

@@ -62,10 +62,35 @@ function note(text, kind) {
   append(li);
 }
 
+// journey says how long a live line took, hop by hop, from the times the
+// bridges put on it (t: in, out, back) and what this page measured: when
+// it was sent (the payload's "at", if a page like this one sent it) and
+// when it arrived. The hops across two clocks are as good as the clocks.
+function journey(payload, t, arrived) {
+  const ms = (x) => `${x.toFixed(1)} ms`;
+  const hops = [];
+  if (payload && typeof payload.at === "number") hops.push(`browser → bridge ${ms(t.in - payload.at)}`);
+  hops.push(`in the bridge ${ms(t.out - t.in)}`, `bridge → broker → bridge ${ms(t.back - t.out)}`, `bridge → browser ${ms(arrived - t.back)}`);
+  if (payload && typeof payload.at === "number") hops.push(`total ${ms(arrived - payload.at)}`);
+  return hops.join(" · ");
+}
+
 // show appends one message, as text, never as HTML. Chat lines show their
-// name; anything else (another AMQP producer) is shown as it came.
-function show(payload) {
+// name; anything else (another AMQP producer) is shown as it came. A live
+// line shows its journey on hover, or on a tap.
+function show(payload, timing) {
   const li = document.createElement("li");
+  if (timing) {
+    li.title = timing;
+    li.addEventListener("click", () => {
+      const shown = li.querySelector(".journey");
+      if (shown) { shown.remove(); return; }
+      const span = document.createElement("span");
+      span.className = "journey";
+      span.textContent = timing;
+      li.append(span);
+    });
+  }
   if (payload && typeof payload === "object" && typeof payload.text === "string") {
     const name = document.createElement("span");
     name.className = "name";
@@ -97,6 +122,7 @@ function connect() {
   };
   ws.onmessage = (event) => {
     if (ws !== socket) return;
+    const arrived = Date.now();
     for (const text of event.data.split("\n")) {
       const line = JSON.parse(text);
       if (line.event === "gap") {
@@ -110,7 +136,8 @@ function connect() {
         if (line.offset <= (lastOffset.get(joined) ?? -1)) continue; // shown already
         lastOffset.set(joined, line.offset);
         if (!ready) restored++;
-        show("data" in line ? line.data : line.text);
+        const payload = "data" in line ? line.data : line.text;
+        show(payload, ready && line.t ? journey(payload, line.t, arrived) : "");
       }
     }
   };
@@ -141,7 +168,7 @@ form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = textInput.value;
   if (!text || !socket || socket.readyState !== WebSocket.OPEN) return;
-  socket.send(JSON.stringify({ name: nameInput.value.trim(), text }));
+  socket.send(JSON.stringify({ name: nameInput.value.trim(), text, at: Date.now() }));
   textInput.value = "";
 });
 
