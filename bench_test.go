@@ -57,8 +57,9 @@ type fanoutTarget struct {
 	start func(b *testing.B, clients int) (url string, stop func())
 }
 
-// fanoutTargets returns the bare hub, wsamqp through the embedded broker,
-// and wsamqp through RabbitMQ when AMQP_URL is set.
+// fanoutTargets returns the bare hub, wsamqp through the embedded broker
+// (with and without metrics, to show what counting costs), and wsamqp
+// through RabbitMQ when AMQP_URL is set.
 func fanoutTargets(b *testing.B) []fanoutTarget {
 	targets := []fanoutTarget{{"hub", startBareHub}}
 	for _, broker := range testBrokers(b) {
@@ -66,15 +67,20 @@ func fanoutTargets(b *testing.B) []fanoutTarget {
 			if broker.why != "" {
 				b.Fatal(broker.why)
 			}
-			return startBenchBridge(b, broker, clients)
+			return startBenchBridge(b, broker, clients, true)
 		}})
+		if broker.name == "embedded" {
+			targets = append(targets, fanoutTarget{"wsamqp-embedded-nometrics", func(b *testing.B, clients int) (string, func()) {
+				return startBenchBridge(b, broker, clients, false)
+			}})
+		}
 	}
 	return targets
 }
 
 // startBenchBridge serves a bridge with the flags' defaults, no rate limit
-// and room for the clients.
-func startBenchBridge(b *testing.B, broker testBroker, clients int) (string, func()) {
+// and room for the clients; without metrics, it counts nothing.
+func startBenchBridge(b *testing.B, broker testBroker, clients int, metrics bool) (string, func()) {
 	bus := NewBus(slog.New(slog.NewTextHandler(b.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})))
 	wsCfg := testWSConfig()
 	wsCfg.MaxConns, wsCfg.Rate, wsCfg.SendQueue = clients, 0, fanoutQueue
@@ -86,6 +92,9 @@ func startBenchBridge(b *testing.B, broker testBroker, clients int) (string, fun
 		b.Cleanup(func() { embedded.Close() })
 	}
 	br := newBridge(bus, amqpCfg, wsCfg)
+	if !metrics {
+		br.amqp.metrics, br.hub.metrics = nil, nil
+	}
 	server := httptest.NewServer(br.handler)
 	must(b, bus.Start())
 	return wsURL(server), func() { bus.Exit(); server.Close() }
