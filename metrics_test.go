@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -151,6 +152,35 @@ func TestDebugState(t *testing.T) {
 	} {
 		if got := strings.Join(listeners[channel], " "); got != want {
 			t.Errorf("channel %s: listeners %q, want %q", channel, got, want)
+		}
+	}
+}
+
+// -metrics-addr moves /metrics and /debug/ off the chat's address.
+func TestMetricsAddrMovesThem(t *testing.T) {
+	base, out, stop := startRun(t, "-metrics-addr", "127.0.0.1:0")
+	defer stop()
+	serving := regexp.MustCompile(`msg="serving metrics" url=(\S+)`)
+	var metricsBase string
+	poll(t, "the metrics server serves", func() bool {
+		if m := serving.FindStringSubmatch(out.String()); m != nil {
+			metricsBase = m[1]
+		}
+		return metricsBase != ""
+	})
+	for url, want := range map[string]int{
+		metricsBase + "/metrics":     http.StatusOK,
+		metricsBase + "/debug/":      http.StatusOK,
+		metricsBase + "/debug/state": http.StatusOK,
+		base + "/metrics":            http.StatusNotFound,
+		base + "/debug/":             http.StatusNotFound,
+		base + "/":                   http.StatusOK,
+	} {
+		resp, err := http.Get(url)
+		must(t, err)
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("GET %s: %d, want %d", url, resp.StatusCode, want)
 		}
 	}
 }
