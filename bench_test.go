@@ -285,6 +285,33 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 	}
 }
 
+// samplePeakHeap samples the heap every 5 ms until the returned func is
+// called, which returns the highest it saw.
+func samplePeakHeap() (stop func() uint64) {
+	var peak uint64
+	done, sampled := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(sampled)
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			var m runtime.MemStats
+			runtime.ReadMemStats(&m)
+			peak = max(peak, m.HeapAlloc)
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return func() uint64 {
+		close(done)
+		<-sampled
+		return peak
+	}
+}
+
 // heapInUse returns the live heap after a collection.
 func heapInUse() uint64 {
 	runtime.GC()
@@ -342,31 +369,11 @@ func BenchmarkMemoryUnderLoad(b *testing.B) {
 				conns[i] = c
 			}
 			base := heapInUse()
-			var peak atomic.Uint64
-			stop := make(chan struct{})
-			sampled := make(chan struct{})
-			go func() {
-				defer close(sampled)
-				tick := time.NewTicker(5 * time.Millisecond)
-				defer tick.Stop()
-				for {
-					var m runtime.MemStats
-					runtime.ReadMemStats(&m)
-					if m.HeapAlloc > peak.Load() {
-						peak.Store(m.HeapAlloc)
-					}
-					select {
-					case <-stop:
-						return
-					case <-tick.C:
-					}
-				}
-			}()
+			stopSampling := samplePeakHeap()
 			load(conns)
-			close(stop)
-			<-sampled
-			b.ReportMetric(float64(peak.Load())/(1<<20), "MiB-peak-heap")
-			b.ReportMetric(float64(peak.Load()-min(peak.Load(), base))/(1<<20), "MiB-above-idle")
+			peak := stopSampling()
+			b.ReportMetric(float64(peak)/(1<<20), "MiB-peak-heap")
+			b.ReportMetric(float64(peak-min(peak, base))/(1<<20), "MiB-above-idle")
 			for _, c := range conns {
 				c.Close()
 			}
@@ -499,22 +506,7 @@ func resumeStorm(b *testing.B, historyMax int) {
 	publish(during, "during")
 
 	base := heapInUse()
-	var peak atomic.Uint64
-	stop := make(chan struct{})
-	go func() {
-		for {
-			var m runtime.MemStats
-			runtime.ReadMemStats(&m)
-			if m.HeapAlloc > peak.Load() {
-				peak.Store(m.HeapAlloc)
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(5 * time.Millisecond):
-			}
-		}
-	}()
+	stopSampling := samplePeakHeap()
 	start := time.Now()
 	_, url = serve()
 	var wrong atomic.Int64
@@ -541,10 +533,10 @@ func resumeStorm(b *testing.B, historyMax int) {
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
-	close(stop)
+	peak := stopSampling()
 	if n := wrong.Load(); n > 0 {
 		b.Fatalf("%d of %d browsers did not get exactly what they missed", n, browsers)
 	}
 	b.ReportMetric(float64(elapsed.Milliseconds()), "ms-until-all-ready")
-	b.ReportMetric(float64(peak.Load()-min(peak.Load(), base))/(1<<20), "MiB-peak-above-idle")
+	b.ReportMetric(float64(peak-min(peak, base))/(1<<20), "MiB-peak-above-idle")
 }

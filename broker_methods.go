@@ -124,17 +124,11 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if err != nil {
 			return err
 		}
-		bd := binding{source: source, dest: dest, key: key}
+		ok := exchangeBindOk
 		if m == exchangeUnbind {
-			b.unbind(bd)
-			reply(noWait, exchangeUnbindOk, nil)
-			return nil
+			ok = exchangeUnbindOk
 		}
-		if err := b.addBinding(m, bd); err != nil {
-			return err
-		}
-		reply(noWait, exchangeBindOk, nil)
-		return nil
+		return ch.changeBinding(m, binding{source: source, dest: dest, key: key}, m == exchangeUnbind, noWait, ok)
 
 	case queueDeclare:
 		r.short()
@@ -202,17 +196,11 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if err != nil {
 			return err
 		}
-		bd := binding{source: e, queue: q, key: key}
+		ok := queueBindOk
 		if m == queueUnbind {
-			b.unbind(bd)
-			reply(false, queueUnbindOk, nil)
-			return nil
+			ok = queueUnbindOk
 		}
-		if err := b.addBinding(m, bd); err != nil {
-			return err
-		}
-		reply(noWait, queueBindOk, nil)
-		return nil
+		return ch.changeBinding(m, binding{source: e, queue: q, key: key}, m == queueUnbind, noWait, ok)
 
 	case queuePurge:
 		r.short()
@@ -471,12 +459,21 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 	return connectionError(replyNotImplemented, m, "method %d.%d is not implemented by the embedded broker", m.class(), m.id())
 }
 
-// addBinding adds bd within the broker's binding limit.
-func (b *Broker) addBinding(m method, bd binding) *amqpError {
-	if b.nbindings >= maxBindings {
+// changeBinding adds bd, within the broker's binding limit, or removes it,
+// and answers m with ok unless the client asked for no answer.
+func (ch *brokerChannel) changeBinding(m method, bd binding, remove, noWait bool, ok method) *amqpError {
+	b := ch.conn.broker
+	switch {
+	case remove:
+		b.unbind(bd)
+	case b.nbindings >= maxBindings:
 		return channelError(replyPreconditionFailed, m, "binding limit (%d) is reached", maxBindings)
+	default:
+		b.bind(bd)
 	}
-	b.bind(bd)
+	if !noWait {
+		ch.conn.sendMethod(ch.id, ok, nil)
+	}
 	return nil
 }
 
