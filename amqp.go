@@ -49,7 +49,7 @@ var ErrGaveUp = errors.New("amqp: the browser left while its message waited for 
 
 // AMQPConfig says where and how the AMQP plugin talks to its broker.
 type AMQPConfig struct {
-	URL      string // amqp://user:password@host:port/vhost
+	URL      string // amqp://user:password@host:port/vhost; several, comma-separated, for the nodes of a cluster
 	Exchange string // fanout exchange shared by every bridge process
 
 	// Dial opens the connection to the broker; nil dials URL over TCP.
@@ -57,6 +57,7 @@ type AMQPConfig struct {
 	Dial func(network, addr string) (net.Conn, error)
 
 	Stream       string        // the stream bound to the exchange, read by every bridge process
+	Replicas     int           // the stream's replicas on a cluster (x-initial-cluster-size), when this process declares it
 	StreamBytes  int64         // the stream's retention in bytes (x-max-length-bytes), when this process declares it
 	StreamAge    string        // the stream's retention in age (x-max-age, "7D"), when this process declares it
 	SegmentBytes int64         // the stream's segment size: retention drops whole segments
@@ -79,9 +80,11 @@ const maxBatch = 256
 // publisher confirms, and wait in a bounded outbox while the broker is
 // away.
 type AMQPPlugin struct {
-	bus *Bus
-	cfg AMQPConfig
-	id  string // prefix of message ids, unique to this plugin
+	bus  *Bus
+	cfg  AMQPConfig
+	id   string       // prefix of message ids, unique to this plugin
+	urls []string     // the broker nodes, in this process's own random order, so that processes spread over them
+	node atomic.Int32 // the index in urls of the node dialed last
 
 	// outbox is buffered to cfg.Outbox: browser messages wait there for
 	// the publisher. When it is full, in messages or in bytes, a sender
@@ -150,10 +153,13 @@ type outgoing struct {
 // NewAMQPPlugin returns the AMQP plugin for b. Call Subscribe to plug it in.
 func NewAMQPPlugin(b *Bus, cfg AMQPConfig) *AMQPPlugin {
 	id := strconv.FormatUint(rand.Uint64(), 36)
+	urls := splitList(cfg.URL)
+	rand.Shuffle(len(urls), func(i, j int) { urls[i], urls[j] = urls[j], urls[i] })
 	return &AMQPPlugin{
 		bus:       b,
 		cfg:       cfg,
 		id:        id,
+		urls:      urls,
 		outbox:    make(chan outgoing, cfg.Outbox),
 		space:     make(chan struct{}),
 		seen:      newDedupe(),
@@ -184,9 +190,18 @@ func (p *AMQPPlugin) Connected() bool { return p.up.Load() }
 // queue, and starts consuming. The first connection must succeed; after
 // that, a lost connection is retried in the background.
 func (p *AMQPPlugin) Start() error {
-	s, err := p.dial()
-	if err != nil {
-		return err
+	var s *session
+	var errs []error
+	for range p.urls { // each node once: the first connection must succeed on one of them
+		var err error
+		if s, err = p.dial(); err == nil {
+			break
+		}
+		errs = append(errs, err)
+		p.nextNode()
+	}
+	if s == nil {
+		return errors.Join(errs...)
 	}
 	p.mu.Lock()
 	p.stopped = false
@@ -368,9 +383,9 @@ func (p *AMQPPlugin) dial() (*session, error) {
 		raw = c
 		return c, err
 	}
-	conn, err := amqp.DialConfig(p.cfg.URL, cfg)
+	conn, err := amqp.DialConfig(p.url(), cfg)
 	if err != nil {
-		return nil, fmt.Errorf("amqp dial %s: %w", RedactURL(p.cfg.URL), err)
+		return nil, fmt.Errorf("amqp dial %s: %w", RedactURL(p.url()), err)
 	}
 	s := &session{conn: conn, raw: raw, tag: "wsamqp-" + p.id, consumed: make(chan struct{}), lastAtDial: -1}
 	if err := p.declare(s); err != nil {
@@ -381,10 +396,20 @@ func (p *AMQPPlugin) dial() (*session, error) {
 	p.current = s
 	p.mu.Unlock()
 	p.setUp(true)
-	p.metrics.connectedTo(nodeOf(p.cfg.URL))
-	p.bus.Log("amqp connected", slog.LevelInfo, "url", RedactURL(p.cfg.URL), "exchange", p.cfg.Exchange, "stream", p.cfg.Stream, "from", p.startOffset())
+	p.metrics.connectedTo(nodeOf(p.url()))
+	p.bus.Log("amqp connected", slog.LevelInfo, "url", RedactURL(p.url()), "exchange", p.cfg.Exchange, "stream", p.cfg.Stream, "from", p.startOffset())
 	return s, nil
 }
+
+// url returns the URL of the node dialed last.
+func (p *AMQPPlugin) url() string { return p.urls[int(p.node.Load())%len(p.urls)] }
+
+// nextNode moves on to the next node.
+func (p *AMQPPlugin) nextNode() { p.node.Store((p.node.Load() + 1) % int32(len(p.urls))) }
+
+// Node returns the broker node the plugin is on (or was on last), as
+// host:port, never with credentials.
+func (p *AMQPPlugin) Node() string { return nodeOf(p.url()) }
 
 // startOffset is where the consumer starts reading the stream: after the
 // last message this process handled, or the first message kept.
@@ -430,6 +455,7 @@ func (p *AMQPPlugin) declare(s *session) error {
 			"x-queue-type":                    "stream",
 			"x-max-length-bytes":              cfg.StreamBytes,
 			"x-stream-max-segment-size-bytes": cfg.SegmentBytes,
+			"x-initial-cluster-size":          int32(cfg.Replicas),
 		}
 		if cfg.StreamAge != "" {
 			args["x-max-age"] = cfg.StreamAge
@@ -630,10 +656,11 @@ func (p *AMQPPlugin) reconnect() *session {
 			return nil
 		case <-wait.C:
 		}
+		p.nextNode() // the node that was lost is tried last
 		s, err := p.dial()
 		if err == nil {
 			p.metrics.reconnected()
-			p.bus.Log("amqp reconnected", slog.LevelInfo, "attempts", attempt, "republishing", len(p.retry))
+			p.bus.Log("amqp reconnected", slog.LevelInfo, "attempts", attempt, "republishing", len(p.retry), "node", nodeOf(p.url()))
 			return s
 		}
 		p.bus.Log("amqp reconnect failed", slog.LevelWarn, "attempt", attempt, "err", err)

@@ -344,3 +344,52 @@ func TestOutboxFullAnswers1013(t *testing.T) {
 	p.restore()
 	checkStreams(t, "receiver", receive(t, receiver, 4), map[string]int{"s": 4})
 }
+
+// Given several broker URLs (here two ways to one broker, as a cluster's
+// nodes would be), the bridge connects to one, and when that node is
+// lost it fails over to another: /healthz goes 503 and back to 200 on the
+// other node, the stream is read on from the last offset, nothing is lost
+// or doubled, and no browser is disconnected.
+func TestFailoverToAnotherNode(t *testing.T) {
+	forEachBroker(t, func(t *testing.T, broker testBroker) {
+		pa, urlA := viaProxy(t, broker.url)
+		pb, urlB := viaProxy(t, broker.url)
+		exchange := testExchange(t, broker)
+		amqpCfg := testAMQPConfig(urlA+","+urlB, exchange)
+		tb := startBridge(t, amqpCfg, testWSConfig())
+		talker := tb.dialV1(t, room("f", "history", "0"))
+		talker.untilReady(t)
+		listener := tb.dialV1(t, room("f", "history", "0"))
+		listener.untilReady(t)
+
+		say := func(from, to int) {
+			for i := from; i < to; i++ {
+				must(t, talker.WriteMessage(websocket.TextMessage, fmt.Appendf(nil, "f:%d", i)))
+			}
+		}
+		say(0, 10)
+		node := tb.amqp.Node()
+		lost, other := pa, pb
+		if node == pb.ln.Addr().String() {
+			lost, other = pb, pa
+		}
+		start := time.Now()
+		lost.cut()
+		waitHealth(t, tb, http.StatusServiceUnavailable)
+		say(10, 20) // accepted while the bridge fails over: they wait in the outbox
+		waitHealth(t, tb, http.StatusOK)
+		t.Logf("failed over from %s to %s in %v", node, tb.amqp.Node(), time.Since(start).Round(time.Millisecond))
+		if tb.amqp.Node() != other.ln.Addr().String() {
+			t.Fatalf("on node %s after losing %s, want %s", tb.amqp.Node(), node, other.ln.Addr())
+		}
+		say(20, 30)
+		for _, c := range []*v1Conn{talker, listener} {
+			var got []string
+			for range 30 {
+				line, _ := c.message(t)
+				got = append(got, line)
+			}
+			checkStreams(t, "browser", got, map[string]int{"f": 30})
+		}
+	})
+}

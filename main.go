@@ -106,7 +106,7 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.StringVar(&cfg.addr, "addr", "localhost:8888", "HTTP `address` to serve the chat page and /ws on")
 	hosts := fs.String("hosts", "", "comma-separated host `names` the server answers to when -addr is not loopback (\"*\" for any); on loopback it answers to loopback names only")
 	fs.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve /metrics and /debug/ on this `address` (e.g. 127.0.0.1:9464) instead of -addr")
-	fs.StringVar(&cfg.amqp.URL, "amqp", "", "AMQP broker `URL` (default $AMQP_URL; none: the embedded broker)")
+	fs.StringVar(&cfg.amqp.URL, "amqp", "", "AMQP broker `URLs`, comma-separated for the nodes of a cluster (default $AMQP_URL; none: the embedded broker)")
 	fs.StringVar(&cfg.amqp.Exchange, "exchange", "wsamqp", "fanout `exchange` shared by every wsamqp process")
 	origins := fs.String("origin", "", "comma-separated `origins` allowed to open /ws besides the page's own (e.g. https://chat.example.com)")
 	fs.TextVar(&cfg.logLevel, "log-level", slog.LevelInfo, "log `level`: DEBUG, INFO, WARN or ERROR")
@@ -132,6 +132,7 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.Int64Var(&cfg.amqp.OutboxBytes, "outbox-bytes", 16<<20, "browser message `bytes` held for the broker, as -outbox")
 	fs.IntVar(&cfg.amqp.Prefetch, "prefetch", 256, "unacknowledged deliveries from the broker")
 	fs.StringVar(&cfg.amqp.Stream, "stream", "wsamqp.chat", "the `stream` bound to -exchange that every process reads: the chat's history")
+	fs.IntVar(&cfg.amqp.Replicas, "stream-replicas", 3, "the stream's `replicas` on a RabbitMQ cluster (x-initial-cluster-size), when this process declares it; a single node keeps one")
 	fs.Int64Var(&cfg.amqp.StreamBytes, "stream-max-bytes", 256<<20, "the stream's retention in `bytes`, when this process declares it")
 	fs.StringVar(&cfg.amqp.StreamAge, "stream-max-age", "7D", "the stream's retention in `age` (Y, M, D, h, m or s; empty for none), when this process declares it")
 	fs.Int64Var(&cfg.amqp.SegmentBytes, "stream-segment-bytes", 1<<20, "the stream's segment size in `bytes`: retention drops whole segments, so they are small at chat scale")
@@ -225,6 +226,7 @@ var flagRanges = []flagRange{
 	{"stream-segment-bytes", int64(4 << 10), int64(1 << 31)},
 	{"replay-bytes", int64(64 << 10), int64(1 << 30)},
 	{"stream-wait", 10 * time.Millisecond, time.Minute},
+	{"stream-replicas", 1, 255},
 	{"history", 0, 1 << 20},
 	{"history-max", 0, 1 << 20},
 	{"history-bytes", int64(0), int64(1 << 40)},
@@ -321,10 +323,16 @@ func (cfg *config) validate(set flagSet, urlFlag string) error {
 		// A URL that does not parse is never printed: it may hold a
 		// password, and a password with "#", "/" or "%" is what makes
 		// URLs fail to parse.
-		if u, err := amqp.ParseURI(cfg.amqp.URL); err != nil {
-			return usageError(urlFlag, "not a valid AMQP URL (%s); it is not shown, since it may hold a password: percent-encode special characters in the password", urlProblem(err))
-		} else if u.Host == "" {
-			return usageError(urlFlag, "the AMQP URL has no host")
+		urls := splitList(cfg.amqp.URL)
+		if len(urls) == 0 {
+			return usageError(urlFlag, "no AMQP URL")
+		}
+		for i, raw := range urls {
+			if u, err := amqp.ParseURI(raw); err != nil {
+				return usageError(urlFlag, "URL %d of %d is not a valid AMQP URL (%s); it is not shown, since it may hold a password: percent-encode special characters in the password", i+1, len(urls), urlProblem(err))
+			} else if u.Host == "" {
+				return usageError(urlFlag, "URL %d of %d has no host", i+1, len(urls))
+			}
 		}
 	}
 	if cfg.amqp.StreamAge != "" {
@@ -565,8 +573,9 @@ func (br *bridge) healthz(w http.ResponseWriter, r *http.Request) {
 	health := struct {
 		Bus      string `json:"bus"`
 		AMQP     string `json:"amqp"`
+		Node     string `json:"node"` // the broker node it is on, or was on last
 		Browsers int    `json:"browsers"`
-	}{state.String(), "down", br.hub.Clients()}
+	}{state.String(), "down", br.amqp.Node(), br.hub.Clients()}
 	if up {
 		health.AMQP = "up"
 	}

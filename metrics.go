@@ -242,7 +242,7 @@ func (br *bridge) debugStateHandler(w http.ResponseWriter, r *http.Request) {
 		Bus: br.bus.Snapshot(),
 		AMQP: amqpSnapshot{
 			Connected: br.amqp.Connected(),
-			Node:      RedactURL(br.amqp.cfg.URL),
+			Node:      br.amqp.Node(),
 			Exchange:  br.amqp.cfg.Exchange,
 			Stream:    br.amqp.cfg.Stream,
 		},
