@@ -66,6 +66,7 @@ type AMQPConfig struct {
 	OutboxBytes  int64         // browser message bytes held for the broker
 	StreamWait   time.Duration // how long a read waits for a delivery before it takes the stream to have no more
 	MaxBackoff   time.Duration // longest wait between two reconnection attempts
+	Timeout      time.Duration // bounds a connection's handshake and the declaration of its topology
 	DrainTimeout time.Duration // bounds how long Stop waits for outstanding confirms
 }
 
@@ -374,7 +375,7 @@ func (p *AMQPPlugin) dial() (*session, error) {
 		Heartbeat:  10 * time.Second,
 	}
 	if cfg.Dial == nil {
-		cfg.Dial = amqp.DefaultDial(5 * time.Second)
+		cfg.Dial = amqp.DefaultDial(p.cfg.Timeout)
 	}
 	var raw net.Conn
 	dial := cfg.Dial
@@ -388,7 +389,17 @@ func (p *AMQPPlugin) dial() (*session, error) {
 		return nil, fmt.Errorf("amqp dial %s: %w", RedactURL(p.url()), err)
 	}
 	s := &session{conn: conn, raw: raw, tag: "wsamqp-" + p.id, consumed: make(chan struct{}), lastAtDial: -1}
-	if err := p.declare(s); err != nil {
+	// A node that has just lost a peer may not answer a declaration or a
+	// consume for a long while (RabbitMQ waits 30 s on its stream
+	// coordinator before it answers 541): past cfg.Timeout the connection
+	// is cut (the socket: a polite connection.close would wait for an
+	// answer too), and the next node tried.
+	stuck := time.AfterFunc(p.cfg.Timeout, func() { raw.Close() })
+	err = p.declare(s)
+	if !stuck.Stop() {
+		err = fmt.Errorf("amqp declare on %s: no answer within %v", nodeOf(p.url()), p.cfg.Timeout)
+	}
+	if err != nil {
 		conn.Close()
 		return nil, err
 	}

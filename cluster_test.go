@@ -168,6 +168,9 @@ func TestClusterLosesANodeMidChat(t *testing.T) {
 	failover(one, "node "+killed+" killed (SIGKILL)", func() { cluster(t, "kill", killed) })
 	waitLines(60)
 	cluster(t, "boot", killed)
+	// Bridge two may have moved meanwhile (the stream's leader may have
+	// been on the killed node): take its node once it is up.
+	waitHealth(t, two, http.StatusOK)
 	stopped := clusterNode(t, two)
 	failover(two, "node "+stopped+" stopped (stop_app)", func() { cluster(t, "stop_app", stopped) })
 	waitLines(100)

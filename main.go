@@ -139,6 +139,7 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.DurationVar(&cfg.amqp.StreamWait, "stream-wait", time.Second, "how long a read of the stream waits for a message before it takes the stream to hold no more (an empty stream sends nothing)")
 	fs.Int64Var(&cfg.ws.ReplayBytes, "replay-bytes", 4<<20, "the most one resuming browser is sent from the stream, in `bytes`; past it the oldest are left out and it is told of a gap")
 	fs.DurationVar(&cfg.amqp.MaxBackoff, "max-backoff", 10*time.Second, "longest wait between reconnection attempts")
+	fs.DurationVar(&cfg.amqp.Timeout, "amqp-timeout", 5*time.Second, "bounds a broker connection's handshake and topology declaration; a node that takes longer is left for the next")
 	fs.DurationVar(&cfg.amqp.DrainTimeout, "drain-timeout", 10*time.Second, "on shutdown, how long to wait for the broker to confirm what browsers sent")
 	fs.DurationVar(&cfg.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on shutdown, how long browsers get to leave")
 
@@ -231,6 +232,7 @@ var flagRanges = []flagRange{
 	{"history-max", 0, 1 << 20},
 	{"history-bytes", int64(0), int64(1 << 40)},
 	{"max-backoff", 100 * time.Millisecond, time.Hour},
+	{"amqp-timeout", 100 * time.Millisecond, 5 * time.Minute},
 	{"drain-timeout", time.Duration(0), time.Hour},
 	{"shutdown-timeout", time.Duration(0), time.Hour},
 	{"broker-max-queue", 1, math.MaxInt32},

@@ -120,7 +120,7 @@ func TestHelpListsEveryLimit(t *testing.T) {
 		"-write-wait", "-pong-wait", "-outbox", "-prefetch", "-max-backoff", "-drain-timeout", "-shutdown-timeout",
 		"-rate", "-burst", "-read-header-timeout", "-stream", "-stream-max-bytes", "-stream-max-age", "-stream-segment-bytes",
 		"-replay-bytes", "-stream-wait", "-stream-replicas", "-history", "-history-max", "-history-bytes", "-broker-listen", "-broker-max-queue", "-log-level",
-		"-hosts", "-metrics-addr", "-send-queue-bytes", "-max-conns-per-ip", "-max-header-bytes", "-outbox-bytes", "-broker-user", "-broker-password",
+		"-hosts", "-metrics-addr", "-amqp-timeout", "-send-queue-bytes", "-max-conns-per-ip", "-max-header-bytes", "-outbox-bytes", "-broker-user", "-broker-password",
 		"-broker-max-queue-bytes", "-broker-max-memory", "-broker-max-conns", "-broker-channel-max", "-broker-max-queues",
 		"-broker-max-exchanges", "-broker-max-consumers"} {
 		if !strings.Contains(out.String(), "  "+f+" ") {
