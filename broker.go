@@ -26,11 +26,13 @@ package main
 // queue and in all; and nothing it does under its one lock takes longer
 // than the size of what it touches (topic matching included).
 //
-// It is in six files: broker.go (the Broker and its life),
+// It is in eight files: broker.go (the Broker and its life),
 // broker_wire.go (frames, fields, tables), broker_model.go (exchanges,
-// queues, routing), broker_conn.go (a connection's handshake, reading,
-// writing, heartbeats), broker_channel.go (channels, deliveries, acks)
-// and broker_methods.go (the methods a channel answers).
+// queues, routing), broker_stream.go (stream queues), broker_conn.go (a
+// connection's handshake, reading, writing, heartbeats), broker_channel.go
+// (channels, deliveries), broker_methods.go (the methods a channel
+// answers) and broker_publish.go (content, routing, confirms, acks and
+// dead-lettering).
 
 import (
 	"errors"
