@@ -211,8 +211,8 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if err != nil {
 			return err
 		}
-		if q.stream != nil {
-			return connectionError(replyNotImplemented, m, "queue.purge not supported by stream queues queue '%s' in vhost '/'", q.name)
+		if err := classicOnly(m, q, "queue.purge"); err != nil {
+			return err
 		}
 		n := len(q.messages)
 		b.held -= q.bytes
@@ -360,8 +360,8 @@ func (ch *brokerChannel) handleMethod(payload []byte) *amqpError {
 		if err != nil {
 			return err
 		}
-		if q.stream != nil {
-			return connectionError(replyNotImplemented, m, "basic.get not supported by stream queues queue '%s' in vhost '/'", q.name)
+		if err := classicOnly(m, q, "basic.get"); err != nil {
+			return err
 		}
 		b.trim(q, time.Now()) // expired messages are never got
 		b.use(q)
@@ -620,6 +620,14 @@ func asInt(v any) (int, bool) {
 		return int(n), true
 	}
 	return 0, false
+}
+
+// classicOnly refuses what a stream does not do, with RabbitMQ's words.
+func classicOnly(m method, q *queue, what string) *amqpError {
+	if q.stream != nil {
+		return connectionError(replyNotImplemented, m, "%s not supported by stream queues queue '%s' in vhost '/'", what, q.name)
+	}
+	return nil
 }
 
 // findQueue returns the queue called name (the channel's last declared

@@ -2,14 +2,16 @@
 // a chat page on top. It is a Go port of two posts, "Plugging AMQP and
 // WebSockets" and "A quick chat WebSockets/AMQP client".
 //
-// The pieces meet on the bus (bus.go). The AMQP plugin (amqp.go) consumes
-// this process's own queue, bound to a fanout exchange, and publishes each
-// message on the bus channel "amqp2ws"; the WebSocket hub (ws.go) listens
-// there and writes it to every browser. A browser's message goes the other
-// way: the hub publishes it on "ws2amqp", and the AMQP plugin publishes it
-// to the exchange. So a line shows up in a page only when the broker has
-// sent it back, and browsers connected to different wsamqp processes chat
-// together, since every process has its own queue on the exchange.
+// The pieces meet on the bus (bus.go). The AMQP plugin (amqp.go) reads a
+// RabbitMQ stream bound to a fanout exchange, and publishes each message
+// on the bus channel "amqp2ws"; the WebSocket hub (ws.go) listens there
+// and writes it to the browsers of its room (the routing key). A browser's
+// message goes the other way: the hub publishes it on "ws2amqp", and the
+// AMQP plugin publishes it to the exchange. So a line shows up in a page
+// only when the broker has sent it back, and browsers connected to
+// different wsamqp processes chat together, since every process reads the
+// same stream, each message at the same offset (rooms.go: history and
+// resume).
 //
 // Usage:
 //

@@ -102,8 +102,9 @@ func NewHub(b *Bus, cfg WSConfig) *Hub {
 	return h
 }
 
-// Subscribe plugs the hub into the bus: every amqp2ws message goes to
-// every browser, and browsers are sent away when the bus stops.
+// Subscribe plugs the hub into the bus: every amqp2ws message goes to the
+// browsers of its room, browsers wait for caughtup before they join, and
+// they are sent away when the bus stops.
 func (h *Hub) Subscribe() {
 	h.bus.Subscribe(ChannelStart, "ws", PriorityWebStart, func(...any) (any, error) {
 		h.mu.Lock()
