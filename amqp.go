@@ -13,6 +13,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/url"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -23,7 +24,7 @@ import (
 
 // The bus channels between the AMQP plugin and the WebSocket side.
 const (
-	ChannelAMQP2WS = "amqp2ws" // args: msg Message, a message from the stream for the browsers of its room
+	ChannelAMQP2WS = "amqp2ws" // args: msgs []Message, messages from the stream, in order, for the browsers of their rooms (listeners must not keep the slice)
 	ChannelWS2AMQP = "ws2amqp" // args: body []byte, room string, cancel <-chan struct{} (closed when the browser is gone): a message from one browser for the broker
 )
 
@@ -111,11 +112,13 @@ type AMQPPlugin struct {
 
 	metrics *Metrics // set by newBridge before the bus starts; nil counts nothing
 
-	// seen drops redeliveries of messages already handed to the bus, and
-	// next is the stream offset to read from after a reconnection. Only
-	// the consuming goroutine touches them, one session at a time.
+	// seen drops redeliveries of messages already handed to the bus, next
+	// is the stream offset to read from after a reconnection, and msgs is
+	// the batch for the bus, kept between batches. Only the consuming
+	// goroutine touches them, one session at a time.
 	seen *dedupe
 	next int64 // -1 until the first delivery: then read from "first"
+	msgs []Message
 
 	// caughtUp is closed once the consumer has read the stream as far as
 	// it reached when the plugin started; until then, what it reads is
@@ -310,26 +313,93 @@ func (p *AMQPPlugin) setUp(up bool) {
 	p.mu.Unlock()
 }
 
-// amqp2ws hands a message from the stream to the bus for the browsers of
-// its room, unless it repeats one already handed over (a republished
-// copy); it runs on the consuming goroutine.
-func (p *AMQPPlugin) amqp2ws(d amqp.Delivery) {
-	offset, ok := streamOffset(d)
-	if !ok {
-		p.bus.Log("amqp delivery without a stream offset dropped", slog.LevelWarn, "exchange", d.Exchange)
-		return
+// amqp2ws hands messages from the stream to the bus for the browsers of
+// their rooms, in one publish, leaving out those that repeat one already
+// handed over (a republished copy); it runs on the consuming goroutine.
+func (p *AMQPPlugin) amqp2ws(ds []amqp.Delivery) {
+	msgs := p.msgs[:0]
+	now := time.Now().UnixNano()
+	for _, d := range ds {
+		offset, ok := streamOffset(d)
+		if !ok {
+			p.bus.Log("amqp delivery without a stream offset dropped", slog.LevelWarn, "exchange", d.Exchange)
+			continue
+		}
+		p.next = offset + 1
+		var dups int
+		var err error
+		if msgs, dups, err = appendMessages(msgs, d, offset, p.seen, now); err != nil {
+			p.metrics.droppedMessage("malformed")
+			p.bus.Log("amqp delivery dropped", slog.LevelWarn, "offset", offset, "err", err)
+		}
+		for range dups {
+			p.metrics.droppedMessage("duplicate")
+		}
 	}
-	p.next = offset + 1
-	if d.AppId == "wsamqp" && p.seen.duplicate(d.MessageId, d.Body) {
-		p.metrics.droppedMessage("duplicate")
-		return
+	if len(msgs) > 0 {
+		p.bus.Publish(ChannelAMQP2WS, msgs)
 	}
-	sent, _ := d.Headers[receivedHeader].(int64)
+	clear(msgs) // let the bodies go
+	p.msgs = msgs
+}
+
+// appendMessages appends to msgs the browser messages that d, read from
+// the stream at offset, holds: d itself, or the messages of its pack,
+// each at its line offset. It leaves out those that seen has seen, and
+// says how many.
+func appendMessages(msgs []Message, d amqp.Delivery, offset int64, seen *dedupe, now int64) ([]Message, int, error) {
+	room := cmp.Or(d.RoutingKey, LobbyRoom)
 	published, _ := d.Headers[publishedHeader].(int64)
-	p.bus.Publish(ChannelAMQP2WS, Message{
-		Offset: offset, Room: cmp.Or(d.RoutingKey, LobbyRoom), Body: d.Body,
-		Sent: sent, Published: published, Consumed: time.Now().UnixNano(),
-	})
+	if d.ContentType != packContentType {
+		if d.AppId == "wsamqp" && seen.duplicate(d.MessageId, d.Body) {
+			return msgs, 1, nil
+		}
+		sent, _ := d.Headers[receivedHeader].(int64)
+		return append(msgs, Message{
+			Offset: lineOffset(offset, 0), Room: room, Body: d.Body,
+			Sent: sent, Published: published, Consumed: now,
+		}), 0, nil
+	}
+	recs, err := unpack(d.Body)
+	if err != nil {
+		return msgs, 0, err
+	}
+	dups := 0
+	for i, r := range recs {
+		if seen.duplicate(r.id, r.body) {
+			dups++
+			continue
+		}
+		msgs = append(msgs, Message{
+			Offset: lineOffset(offset, i), Room: room, Body: r.body,
+			Sent: r.received, Published: published, Consumed: now,
+		})
+	}
+	return msgs, dups, nil
+}
+
+// gather adds to batch the deliveries that are already waiting, up to
+// max, without waiting for more; it reports false if the deliveries
+// ended. amqp091-go hands deliveries over one at a time from a goroutine
+// of its own, so before giving up on the next one, gather lets that
+// goroutine run once.
+func gather(batch []amqp.Delivery, deliveries <-chan amqp.Delivery, max int) ([]amqp.Delivery, bool) {
+	for yielded := false; len(batch) < max; {
+		select {
+		case d, ok := <-deliveries:
+			if !ok {
+				return batch, false
+			}
+			batch, yielded = append(batch, d), false
+		default:
+			if yielded {
+				return batch, true
+			}
+			runtime.Gosched()
+			yielded = true
+		}
+	}
+	return batch, true
 }
 
 // The headers that carry a browser message's journey, in Unix
@@ -490,6 +560,7 @@ func (p *AMQPPlugin) serve(s *session) error {
 		// history; then it tells the bus it has caught up.
 		ackEvery, unacked := max(1, p.cfg.Prefetch/4), 0
 		var last amqp.Delivery
+		var batch []amqp.Delivery
 		paused := time.NewTimer(ackPause)
 		paused.Stop()
 		defer paused.Stop()
@@ -505,18 +576,23 @@ func (p *AMQPPlugin) serve(s *session) error {
 				if !ok {
 					return
 				}
-				p.amqp2ws(d)
+				batch, ok = gather(append(batch[:0], d), s.deliveries, p.cfg.Prefetch)
+				p.amqp2ws(batch)
+				if !ok {
+					return
+				}
 				if !caught && p.next > s.lastAtDial {
 					p.markCaughtUp()
 					caught = true
 				} else if !caught {
 					catchingUp.Reset(p.cfg.StreamWait)
 				}
-				last = d
-				if unacked++; unacked == 1 {
+				last = batch[len(batch)-1]
+				clear(batch)
+				if unacked == 0 {
 					paused.Reset(ackPause)
 				}
-				if unacked < ackEvery {
+				if unacked += len(batch); unacked < ackEvery {
 					continue
 				}
 			case <-catchingUp.C:
@@ -606,43 +682,75 @@ func (p *AMQPPlugin) publish(s *session) error {
 }
 
 // publishBatch publishes batch and waits for its confirms; whatever is not
-// confirmed goes to p.retry.
+// confirmed goes to p.retry. The messages of each room go out in order,
+// several at once in a pack.
 func (p *AMQPPlugin) publishBatch(s *session, batch []outgoing) error {
-	confirms := make([]*amqp.DeferredConfirmation, 0, len(batch))
-	for i, msg := range batch {
-		dc, err := s.publisher.PublishWithDeferredConfirm(p.cfg.Exchange, msg.room, false, false, amqp.Publishing{
-			Headers:     amqp.Table{receivedHeader: msg.received, publishedHeader: time.Now().UnixNano()},
-			ContentType: "text/plain; charset=utf-8",
-			Timestamp:   time.Now(),
-			MessageId:   msg.id,
+	var units [][]outgoing // what goes out as one AMQP message each
+	for _, msgs := range byRoom(batch) {
+		units = append(units, packs(msgs)...)
+	}
+	confirms := make([]*amqp.DeferredConfirmation, 0, len(units))
+	for i, u := range units {
+		now := time.Now()
+		msg := amqp.Publishing{
+			Headers:     amqp.Table{publishedHeader: now.UnixNano()},
+			ContentType: packContentType,
+			Timestamp:   now,
 			AppId:       "wsamqp",
-			Body:        msg.body,
-		})
+		}
+		if len(u) == 1 {
+			msg.Headers[receivedHeader] = u[0].received
+			msg.ContentType, msg.MessageId, msg.Body = "text/plain; charset=utf-8", u[0].id, u[0].body
+		} else {
+			msg.Body = appendPack(nil, u)
+		}
+		dc, err := s.publisher.PublishWithDeferredConfirm(p.cfg.Exchange, u[0].room, false, false, msg)
 		if err != nil {
-			p.retry = append(p.retry, batch[i:]...)
-			p.keepUnconfirmed(batch[:i], confirms)
+			for _, rest := range units[i:] {
+				p.retry = append(p.retry, rest...)
+			}
+			p.keepUnconfirmed(units[:i], confirms)
 			return fmt.Errorf("basic.publish %s: %w", p.cfg.Exchange, err)
 		}
 		confirms = append(confirms, dc)
 	}
-	if lost := p.keepUnconfirmed(batch, confirms); lost > 0 {
+	if lost := p.keepUnconfirmed(units, confirms); lost > 0 {
 		return fmt.Errorf("basic.publish %s: %d of %d messages not confirmed", p.cfg.Exchange, lost, len(batch))
 	}
 	return nil
 }
 
+// byRoom splits batch by room, keeping the order within each.
+func byRoom(batch []outgoing) [][]outgoing {
+	index := make(map[string]int)
+	var rooms [][]outgoing
+	for _, m := range batch {
+		i, ok := index[m.room]
+		if !ok {
+			i = len(rooms)
+			index[m.room] = i
+			rooms = append(rooms, nil)
+		}
+		rooms[i] = append(rooms[i], m)
+	}
+	return rooms
+}
+
 // keepUnconfirmed waits for each confirm (a closing AMQP channel nacks them
-// all) and moves nacked messages to p.retry, in order. It returns how many.
-func (p *AMQPPlugin) keepUnconfirmed(batch []outgoing, confirms []*amqp.DeferredConfirmation) int {
+// all) and moves the messages of what was nacked to p.retry, in order. It
+// returns how many messages.
+func (p *AMQPPlugin) keepUnconfirmed(units [][]outgoing, confirms []*amqp.DeferredConfirmation) int {
 	var nacked []outgoing
+	published := 0
 	for i, dc := range confirms {
+		published += len(units[i])
 		if ok, err := dc.WaitContext(p.drain); !ok || err != nil {
-			nacked = append(nacked, batch[i])
+			nacked = append(nacked, units[i]...)
 		}
 	}
 	p.retry = append(nacked, p.retry...)
-	p.metrics.publishedMessages(len(confirms))
-	p.metrics.confirmedMessages(len(confirms) - len(nacked))
+	p.metrics.publishedMessages(published)
+	p.metrics.confirmedMessages(published - len(nacked))
 	return len(nacked)
 }
 

@@ -4,10 +4,10 @@ package main
 // ends at start, and reading back what a resuming browser missed.
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -168,7 +168,7 @@ func (p *AMQPPlugin) replay(req ReplayRequest) (ReplayResult, error) {
 	if err := ch.Qos(p.cfg.Prefetch, 0, false); err != nil {
 		return res, fmt.Errorf("replay: basic.qos: %w", err)
 	}
-	d, err := ch.Consume(p.cfg.Stream, "", false, false, false, false, amqp.Table{"x-stream-offset": max(req.After, 0)})
+	d, err := ch.Consume(p.cfg.Stream, "", false, false, false, false, amqp.Table{"x-stream-offset": max(streamOffsetOf(req.After), 0)})
 	if err != nil {
 		return res, fmt.Errorf("replay: basic.consume %s: %w", p.cfg.Stream, err)
 	}
@@ -187,17 +187,21 @@ func (p *AMQPPlugin) replay(req ReplayRequest) (ReplayResult, error) {
 			if !found {
 				continue
 			}
-			if first && req.After >= 0 && offset > req.After {
+			if first && req.After >= 0 && offset > streamOffsetOf(req.After) {
 				res.Gap = true // the browser's last message is gone: retention dropped it
 			}
 			first = false
-			if offset > req.Through {
-				return res, nil
-			}
-			room := cmp.Or(m.RoutingKey, LobbyRoom)
-			if offset > req.After && room == req.Room && !(m.AppId == "wsamqp" && seen.duplicate(m.MessageId, m.Body)) {
-				res.Messages = append(res.Messages, Message{Offset: offset, Room: room, Body: m.Body})
-				bytes += int64(len(m.Body))
+			msgs, _, _ := appendMessages(nil, m, offset, seen, 0) // a malformed pack holds nothing
+			for _, msg := range msgs {
+				if msg.Offset > req.Through {
+					return res, nil
+				}
+				if msg.Offset <= req.After || msg.Room != req.Room {
+					continue
+				}
+				msg.Body = slices.Clone(msg.Body) // not the whole pack
+				res.Messages = append(res.Messages, msg)
+				bytes += int64(len(msg.Body))
 				for bytes > req.MaxBytes && len(res.Messages) > 0 {
 					bytes -= int64(len(res.Messages[0].Body))
 					res.Messages = res.Messages[1:]
@@ -205,7 +209,7 @@ func (p *AMQPPlugin) replay(req ReplayRequest) (ReplayResult, error) {
 				}
 			}
 			m.Ack(false)
-			if offset >= req.Through {
+			if offset >= streamOffsetOf(req.Through) {
 				return res, nil
 			}
 			idle.Reset(p.cfg.StreamWait)

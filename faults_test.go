@@ -236,7 +236,7 @@ func startProgram(t *testing.T, args string) (*exec.Cmd, string, *bufio.Scanner)
 func TestSIGTERMUnderLoad(t *testing.T) {
 	forEachBroker(t, func(t *testing.T, broker testBroker) {
 		exchange := testExchange(t, broker)
-		witness := consume(t, broker.url, exchange)
+		witness := consumeBodies(t, broker.url, exchange)
 
 		cmd, addr, lines := startProgram(t, "-rate 0 -amqp "+broker.url+" -exchange "+exchange+" -stream "+exchange)
 		var log strings.Builder
@@ -314,8 +314,8 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 		var got []string
 		for len(got) < total {
 			select {
-			case d := <-witness:
-				got = append(got, string(d.Body))
+			case body := <-witness:
+				got = append(got, body)
 			case <-time.After(waitFor):
 				t.Fatalf("the broker got %d of the %d messages the server took\n%s", len(got), total, log.String())
 			}

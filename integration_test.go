@@ -555,7 +555,7 @@ func TestShutdownClosesBrowsersAndDrains(t *testing.T) {
 	forEachBroker(t, func(t *testing.T, broker testBroker) {
 		exchange := testExchange(t, broker)
 		tb := startBridge(t, testAMQPConfig(broker.url, exchange), testWSConfig())
-		witness := consume(t, broker.url, exchange)
+		witness := consumeBodies(t, broker.url, exchange)
 		a := tb.dial(t)
 
 		const n = 500
@@ -577,8 +577,8 @@ func TestShutdownClosesBrowsersAndDrains(t *testing.T) {
 		var got []string
 		for len(got) < n {
 			select {
-			case d := <-witness:
-				got = append(got, string(d.Body))
+			case body := <-witness:
+				got = append(got, body)
 			case <-time.After(waitFor):
 				t.Fatalf("the broker got %d of %d messages", len(got), n)
 			}
@@ -615,6 +615,38 @@ func consume(t *testing.T, url, exchange string) <-chan amqp.Delivery {
 		t.Fatal(err)
 	}
 	return deliveries
+}
+
+// consumeBodies is consume, message by message: the messages of a pack
+// come one by one.
+func consumeBodies(t *testing.T, url, exchange string) <-chan string {
+	t.Helper()
+	deliveries := consume(t, url, exchange)
+	bodies := make(chan string)
+	go func() {
+		for d := range deliveries {
+			var msgs []string
+			if d.ContentType == packContentType {
+				packed, err := unpack(d.Body)
+				if err != nil {
+					t.Errorf("a pack on the exchange: %v", err)
+				}
+				for _, m := range packed {
+					msgs = append(msgs, string(m.body))
+				}
+			} else {
+				msgs = append(msgs, string(d.Body))
+			}
+			for _, m := range msgs {
+				select {
+				case bodies <- m:
+				case <-t.Context().Done():
+					return
+				}
+			}
+		}
+	}()
+	return bodies
 }
 
 // proxy is a TCP proxy between a bridge and its broker that a test can cut

@@ -75,6 +75,7 @@ func exitStatus(err error) int {
 type config struct {
 	addr              string
 	metricsAddr       string   // where /metrics and /debug/ are served; empty for addr
+	pprof             bool     // serve Go's profiles at /debug/pprof/
 	hosts             []string // host names the server answers to besides loopback ones; "*" for any
 	readHeaderTimeout time.Duration
 	maxHeaderBytes    int
@@ -108,6 +109,7 @@ func parseFlags(args []string, output io.Writer) (config, error) {
 	fs.StringVar(&cfg.addr, "addr", "localhost:8888", "HTTP `address` to serve the chat page and /ws on")
 	hosts := fs.String("hosts", "", "comma-separated host `names` the server answers to when -addr is not loopback (\"*\" for any); on loopback it answers to loopback names only")
 	fs.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve /metrics and /debug/ on this `address` (e.g. 127.0.0.1:9464) instead of -addr")
+	fs.BoolVar(&cfg.pprof, "pprof", false, "serve Go's profiles at /debug/pprof/, beside /metrics (they show the program's insides and cost CPU while taken)")
 	fs.StringVar(&cfg.amqp.URL, "amqp", "", "AMQP broker `URLs`, comma-separated for the nodes of a cluster (default $AMQP_URL; none: the embedded broker)")
 	fs.StringVar(&cfg.amqp.Exchange, "exchange", "wsamqp", "fanout `exchange` shared by every wsamqp process")
 	origins := fs.String("origin", "", "comma-separated `origins` allowed to open /ws besides the page's own (e.g. https://chat.example.com)")
@@ -406,6 +408,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 
 	br := newBridge(b, cfg.amqp, cfg.ws)
+	if cfg.pprof {
+		br.profile()
+	}
 	handler := br.handler
 	if cfg.metricsAddr != "" {
 		handler = withoutDebug(br.handler)
@@ -529,8 +534,8 @@ type bridge struct {
 	amqp    *AMQPPlugin
 	hub     *Hub
 	metrics *Metrics
-	handler http.Handler // the page, /ws, /healthz, /metrics and /debug/
-	debug   http.Handler // /metrics and /debug/ alone, for -metrics-addr
+	handler http.Handler   // the page, /ws, /healthz, /metrics and /debug/
+	debug   *http.ServeMux // /metrics and /debug/ alone, for -metrics-addr
 }
 
 // newBridge creates the AMQP plugin and the hub and subscribes them to b.

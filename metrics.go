@@ -15,6 +15,7 @@ package main
 import (
 	"encoding/json"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -155,9 +156,9 @@ func (m *Metrics) confirmedMessages(n int) {
 	}
 }
 
-func (m *Metrics) delivery() {
+func (m *Metrics) deliveries(n int) {
 	if m != nil {
-		m.delivered.Inc()
+		m.delivered.Add(float64(n))
 	}
 }
 
@@ -203,15 +204,21 @@ func (m *Metrics) wrote(items []queued, now time.Time) {
 	if m == nil || len(items) == 0 {
 		return
 	}
-	m.batch.Observe(float64(len(items)))
-	n := 0
+	lines, live := 0, 0
 	for _, it := range items {
-		if it.sent > 0 {
-			n++
-			m.latency.Observe(float64(now.UnixNano()-it.sent) / 1e9)
+		lines += it.n
+		if it.sent == nil {
+			continue // the bridge's own lines: history, events
+		}
+		live += it.n
+		for _, sent := range it.sent {
+			if sent > 0 {
+				m.latency.Observe(float64(now.UnixNano()-sent) / 1e9)
+			}
 		}
 	}
-	m.written.Add(float64(n))
+	m.batch.Observe(float64(lines))
+	m.written.Add(float64(live))
 }
 
 // handler serves /metrics.
@@ -251,4 +258,15 @@ func (br *bridge) debugStateHandler(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	json.NewEncoder(w).Encode(state)
+}
+
+// profile serves Go's profiler at /debug/pprof/ beside /metrics: where the
+// README's performance chapter takes its profiles from. It is off unless
+// -pprof asks for it, since a profile shows the program's insides.
+func (br *bridge) profile() {
+	br.debug.HandleFunc("GET /debug/pprof/", pprof.Index)
+	br.debug.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	br.debug.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	br.debug.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	br.debug.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 }

@@ -52,10 +52,11 @@ type join struct {
 	v1      bool
 	since   int64 // resume after this offset; -1 for a fresh join
 	history int   // on a fresh join, how many of the room's last lines
+	journey bool  // live lines carry their journey ("t")
 }
 
-// parseJoin reads ?room, ?since and ?history, and whether the browser
-// speaks wsamqp.v1. since wins over history when both are given.
+// parseJoin reads ?room, ?since, ?history and ?journey, and whether the
+// browser speaks wsamqp.v1. since wins over history when both are given.
 func parseJoin(r *http.Request, cfg WSConfig) (join, error) {
 	q := r.URL.Query()
 	j := join{room: LobbyRoom, since: -1, history: cfg.History}
@@ -88,6 +89,13 @@ func parseJoin(r *http.Request, cfg WSConfig) (join, error) {
 			return j, err
 		}
 		j.history = int(min(n, int64(cfg.HistoryMax)))
+	}
+	if q.Has("journey") {
+		b, err := strconv.ParseBool(q.Get("journey"))
+		if err != nil {
+			return j, fmt.Errorf("journey %.30q: not true or false", q.Get("journey"))
+		}
+		j.journey = b
 	}
 	return j, nil
 }
@@ -226,10 +234,11 @@ func (rc *roomCache) after(room string, offset int64) ([]cachedLine, bool) {
 
 // encodeLine makes a message's wsamqp.v1 line: {"offset":N,"data":...}
 // when the payload is JSON (compacted onto one line), else
-// {"offset":N,"text":"..."}; then, for a line from a browser, its journey
-// through the bridges so far, in Unix milliseconds: "t":{"in": reached its
-// bridge, "out": published, "back": read from the stream by this one}.
-func encodeLine(msg Message) []byte {
+// {"offset":N,"text":"..."}; then, with journey, for a line from a
+// browser, its journey through the bridges so far, in Unix milliseconds:
+// "t":{"in": reached its bridge, "out": published, "back": read from the
+// stream by this one}.
+func encodeLine(msg Message, journey bool) []byte {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, `{"offset":%d,`, msg.Offset)
 	if json.Valid(msg.Body) {
@@ -240,7 +249,7 @@ func encodeLine(msg Message) []byte {
 		b.WriteString(`"text":`)
 		b.Write(text)
 	}
-	if msg.Sent > 0 && msg.Published > 0 && msg.Consumed > 0 {
+	if journey && msg.Sent > 0 && msg.Published > 0 && msg.Consumed > 0 {
 		ms := func(ns int64) float64 { return float64(ns) / 1e6 }
 		fmt.Fprintf(&b, `,"t":{"in":%.3f,"out":%.3f,"back":%.3f}`, ms(msg.Sent), ms(msg.Published), ms(msg.Consumed))
 	}
@@ -255,38 +264,6 @@ func readyLine(room string, offset int64) []byte {
 
 // gapLine says that some messages after since may be missing.
 var gapLine = []byte(`{"event":"gap"}`)
-
-// Bounds on a wsamqp.v1 frame: lines queued for a browser go out together,
-// up to this many lines and bytes a frame (a longer line goes alone).
-const (
-	maxFrameLines = 256
-	maxFrameBytes = 64 << 10
-)
-
-// lineSep separates the lines of a frame.
-var lineSep = []byte{'\n'}
-
-// frameLines turns lines into wsamqp.v1 frames ready for writev: a header
-// per frame, then its lines with separators, the lines' bytes shared, not
-// copied. It appends to bufs and returns it.
-func frameLines(bufs [][]byte, lines [][]byte) [][]byte {
-	for len(lines) > 0 {
-		n, size := 1, len(lines[0])
-		for n < len(lines) && n < maxFrameLines && size+1+len(lines[n]) <= maxFrameBytes {
-			size += 1 + len(lines[n])
-			n++
-		}
-		bufs = append(bufs, appendTextHeader(nil, size))
-		for i, l := range lines[:n] {
-			if i > 0 {
-				bufs = append(bufs, lineSep)
-			}
-			bufs = append(bufs, l)
-		}
-		lines = lines[n:]
-	}
-	return bufs
-}
 
 // joinLines computes what a wsamqp.v1 browser is sent before live lines,
 // from the cache. It reports slow when the cache does not go back far
@@ -338,7 +315,7 @@ func (h *Hub) replayLines(j join, through int64) ([][]byte, error) {
 	}
 	ready := j.since
 	for _, m := range res.Messages {
-		lines = append(lines, encodeLine(m))
+		lines = append(lines, encodeLine(m, false))
 		ready = m.Offset
 	}
 	return append(lines, readyLine(j.room, ready)), nil

@@ -329,7 +329,7 @@ func TestRepublishedLineReachesOnce(t *testing.T) {
 			conn := dialURL(t, broker.url)
 			ch := openChannel(t, conn)
 			must(t, ch.Qos(10, 0, false))
-			d, err := ch.Consume(exchange, "", false, false, false, false, amqp.Table{"x-stream-offset": mark + 1})
+			d, err := ch.Consume(exchange, "", false, false, false, false, amqp.Table{"x-stream-offset": streamOffsetOf(mark) + 1})
 			must(t, err)
 			once := next(t, d)
 			pub := openChannel(t, conn)

@@ -69,11 +69,11 @@ type Hub struct {
 	// mu guards the fields below it.
 	mu         sync.Mutex
 	clients    map[*client]struct{}
-	rooms      map[string]map[*client]struct{} // the browsers in each room
-	perIP      map[string]int                  // browsers connected from each IP address
-	closing    bool                            // Close has begun; new browsers are turned away
-	cache      *roomCache                      // the latest lines of each room
-	lastOffset int64                           // the offset of the last message broadcast; -1 before any
+	rooms      map[string][]*client // the browsers in each room; each knows its place (client.slot)
+	perIP      map[string]int       // browsers connected from each IP address
+	closing    bool                 // Close has begun; new browsers are turned away
+	cache      *roomCache           // the latest lines of each room
+	lastOffset int64                // the offset of the last message broadcast; -1 before any
 
 	live     chan struct{} // closed once the AMQP plugin has caught up with the stream
 	liveOnce sync.Once
@@ -87,7 +87,7 @@ type Hub struct {
 func NewHub(b *Bus, cfg WSConfig) *Hub {
 	h := &Hub{
 		bus: b, cfg: cfg,
-		clients: make(map[*client]struct{}), rooms: make(map[string]map[*client]struct{}), perIP: make(map[string]int),
+		clients: make(map[*client]struct{}), rooms: make(map[string][]*client), perIP: make(map[string]int),
 		cache: newRoomCache(cfg.HistoryMax, cfg.CacheBytes), lastOffset: -1, live: make(chan struct{}),
 	}
 	h.upgrader = websocket.Upgrader{
@@ -117,7 +117,7 @@ func (h *Hub) Subscribe() {
 		return nil, nil
 	})
 	h.bus.Subscribe(ChannelAMQP2WS, "ws", DefaultPriority, func(args ...any) (any, error) {
-		return nil, h.broadcast(args[0].(Message))
+		return nil, h.broadcast(args[0].([]Message))
 	})
 	h.bus.Subscribe(ChannelCaughtUp, "ws", DefaultPriority, func(...any) (any, error) {
 		h.liveOnce.Do(func() { close(h.live) })
@@ -181,6 +181,7 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ip:       remoteIP(r.RemoteAddr),
 		room:     j.room,
 		v1:       j.v1,
+		journey:  j.v1 && j.journey,
 		wake:     make(chan struct{}, 1),
 		quit:     make(chan struct{}),
 		readDone: make(chan struct{}),
@@ -198,16 +199,14 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		h.clients[c] = struct{}{}
 		h.perIP[c.ip]++
-		if h.rooms[c.room] == nil {
-			h.rooms[c.room] = make(map[*client]struct{})
-		}
-		h.rooms[c.room][c] = struct{}{}
+		c.slot = len(h.rooms[c.room])
+		h.rooms[c.room] = append(h.rooms[c.room], c)
 		if c.v1 {
 			lines, slow := h.joinLines(j)
 			if slow {
 				c.gated, through = true, h.lastOffset
 			} else {
-				c.queue = events(lines)
+				c.queue = frameItems(lines, nil, true)
 				c.wake <- struct{}{} // its history and ready event wait for the writer
 				if j.since >= 0 || j.history > 0 {
 					h.metrics.replay("cache", slices.Equal(lines[0], gapLine))
@@ -252,7 +251,7 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			h.metrics.replay("stream", slices.Equal(lines[0], gapLine))
-			c.ungate(events(lines))
+			c.ungate(frameItems(lines, nil, true))
 		}
 	}
 }
@@ -266,8 +265,15 @@ func (h *Hub) remove(c *client) {
 	if h.perIP[c.ip]--; h.perIP[c.ip] <= 0 {
 		delete(h.perIP, c.ip)
 	}
-	if delete(h.rooms[c.room], c); len(h.rooms[c.room]) == 0 {
+	// The last browser of the room takes c's place.
+	cs := h.rooms[c.room]
+	last := cs[len(cs)-1]
+	cs[c.slot], last.slot = last, c.slot
+	cs[len(cs)-1] = nil
+	if cs = cs[:len(cs)-1]; len(cs) == 0 {
 		delete(h.rooms, c.room)
+	} else {
+		h.rooms[c.room] = cs
 	}
 }
 
@@ -280,84 +286,26 @@ func remoteIP(remote string) string {
 	return host
 }
 
-// broadcast hands a message from the stream to the browsers of its room:
-// its wsamqp.v1 line and its raw frame are each made once, and the same
-// bytes are queued for every browser that takes them. A browser whose
-// queue is full, in messages or in bytes, is too slow: it is disconnected,
-// never waited for. The line is kept for history. It runs on the AMQP
-// plugin's consuming goroutine.
-func (h *Hub) broadcast(msg Message) error {
-	var refused error
-	switch {
-	case int64(len(msg.Body)) > h.cfg.MaxMessage:
-		refused = fmt.Errorf("ws: broker message of %d bytes dropped: larger than -max-message (%d)", len(msg.Body), h.cfg.MaxMessage)
-	case !utf8.Valid(msg.Body):
-		refused = errors.New("ws: broker message dropped: not valid UTF-8; browsers only take text")
-	}
-	if refused != nil {
-		h.mu.Lock()
-		h.lastOffset = max(h.lastOffset, msg.Offset)
-		h.mu.Unlock()
-		if int64(len(msg.Body)) > h.cfg.MaxMessage {
-			h.metrics.droppedMessage("size")
-		} else {
-			h.metrics.droppedMessage("utf8")
-		}
-		return refused
-	}
-	h.metrics.delivery()
-	line := encodeLine(msg)
-	var frame []byte // made for the first raw-mode browser
-	var slow []*client
-	h.mu.Lock()
-	reset := msg.Offset <= h.lastOffset
-	if reset {
-		// Offsets only go forward in one stream: this one was made anew,
-		// and what the cache holds belongs to the old one.
-		h.cache = newRoomCache(h.cfg.HistoryMax, h.cfg.CacheBytes)
-	}
-	from := h.lastOffset
-	h.lastOffset = msg.Offset
-	h.cache.add(msg.Room, cachedLine{offset: msg.Offset, line: line})
-	for c := range h.rooms[msg.Room] {
-		item := queued{line, msg.Sent}
-		if !c.v1 {
-			if frame == nil {
-				frame = textFrame(msg.Body)
-			}
-			item.b = frame
-		}
-		if !c.enqueue(item) && c.close(websocket.ClosePolicyViolation, "too slow: send queue full") {
-			slow = append(slow, c)
-		}
-	}
-	h.mu.Unlock()
-	if reset {
-		h.bus.Log("stream offsets went back: the stream was made anew; history restarts", slog.LevelWarn, "from", from, "to", msg.Offset)
-	}
-	for _, c := range slow {
-		h.metrics.browserCut("slow")
-		h.bus.Log("browser cut off as too slow", slog.LevelWarn, "remote", c.remote, "queue", h.cfg.SendQueue, "queue_bytes", h.cfg.SendQueueBytes)
-	}
-	return nil
-}
-
 // client is a middleman between one browser's WebSocket and the hub.
 type client struct {
-	hub    *Hub
-	remote string          // the browser's address, for the log
-	ip     string          // its IP address, for the per-address limit
-	room   string          // the room it is in
-	v1     bool            // it speaks wsamqp.v1: its queue holds lines, not frames
-	conn   *websocket.Conn // nil until the handshake is done; set under hub.mu
-	raw    *lockedConn     // conn's TCP connection, on which the writer writes frames
+	hub     *Hub
+	remote  string          // the browser's address, for the log
+	ip      string          // its IP address, for the per-address limit
+	room    string          // the room it is in
+	slot    int             // its place in hub.rooms[room]; guarded by hub.mu
+	v1      bool            // it speaks wsamqp.v1: it is sent JSON lines, not raw messages
+	journey bool            // its live lines carry their journey
+	conn    *websocket.Conn // nil until the handshake is done; set under hub.mu
+	raw     *lockedConn     // conn's TCP connection, on which the writer writes frames
+	bufs    [][]byte        // the writer's: a write's frames, kept between writes
 
-	// mu guards queue, queued and gated: frames (or v1 lines) waiting for
-	// the writer, shared with every other browser, and the bytes of those
-	// that arrived live; while gated, a replay from the stream is being
-	// read, to go first, and the writer waits.
+	// mu guards queue, lines, queued and gated: frames waiting for the
+	// writer, shared with every other browser of the room, and how many
+	// messages and bytes of them arrived live; while gated, a replay from
+	// the stream is being read, to go first, and the writer waits.
 	mu     sync.Mutex
 	queue  []queued
+	lines  int
 	queued int64
 	gated  bool
 	wake   chan struct{} // capacity 1: one pending wake-up is enough for any number of frames
@@ -369,98 +317,16 @@ type client struct {
 	readDone chan struct{} // closed when the reader has returned
 }
 
-// queued is a frame or v1 line waiting for a browser's writer, with when
-// its message reached a bridge (Unix nanoseconds; 0 for the bridge's own
-// events), for the latency metric.
-type queued struct {
-	b    []byte
-	sent int64
+// kind says what the browser is sent of a message.
+func (c *client) kind() int {
+	switch {
+	case c.journey:
+		return kindJourney
+	case c.v1:
+		return kindV1
+	}
+	return kindRaw
 }
-
-// events makes queue items of lines the bridge writes itself (history is
-// not live, so it is not timed either).
-func events(lines [][]byte) []queued {
-	items := make([]queued, len(lines))
-	for i, l := range lines {
-		items[i] = queued{b: l}
-	}
-	return items
-}
-
-// enqueue queues a frame for the writer. It reports false, queueing
-// nothing, when the browser already has SendQueue frames or SendQueueBytes
-// bytes waiting: it is not keeping up.
-func (c *client) enqueue(item queued) bool {
-	c.mu.Lock()
-	full := len(c.queue) >= c.hub.cfg.SendQueue || c.queued+int64(len(item.b)) > c.hub.cfg.SendQueueBytes
-	if !full {
-		c.queue = append(c.queue, item)
-		c.queued += int64(len(item.b))
-	}
-	c.mu.Unlock()
-	if !full {
-		select {
-		case c.wake <- struct{}{}:
-		default:
-		}
-	}
-	return !full
-}
-
-// take returns what is queued and empties the queue, handing back the
-// previous batch's slice (emptied) to be filled next, so that a busy
-// browser allocates nothing per batch and an idle one holds little.
-func (c *client) take(spare []queued) []queued {
-	clear(spare)
-	if cap(spare) > maxSpareBatch {
-		spare = nil
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.gated {
-		return spare[:0]
-	}
-	batch := c.queue
-	c.queue, c.queued = spare[:0], 0
-	return batch
-}
-
-// ungate puts a replay's lines before what arrived live meanwhile, and
-// lets the writer go.
-func (c *client) ungate(lines []queued) {
-	c.mu.Lock()
-	c.queue = append(lines, c.queue...)
-	c.gated = false
-	c.mu.Unlock()
-	select {
-	case c.wake <- struct{}{}:
-	default:
-	}
-}
-
-// write sends a batch: frames as they are, or wsamqp.v1 lines gathered
-// into frames.
-func (c *client) write(batch []queued) error {
-	if len(batch) == 0 {
-		return nil
-	}
-	bufs := make([][]byte, len(batch))
-	for i, it := range batch {
-		bufs[i] = it.b
-	}
-	if c.v1 {
-		bufs = frameLines(nil, bufs)
-	}
-	if err := c.raw.writeFrames(bufs, c.hub.cfg.WriteWait); err != nil {
-		return err
-	}
-	c.hub.metrics.wrote(batch, time.Now())
-	return nil
-}
-
-// maxSpareBatch bounds the frames slice a browser keeps between batches:
-// a burst's larger slice is let go.
-const maxSpareBatch = 256
 
 // close asks the writer to end the connection with code and reason; only
 // the first call counts, and it reports whether it was the first. Code 0

@@ -100,13 +100,6 @@ func (c *lockedConn) writeFrames(frames [][]byte, wait time.Duration) error {
 	return err
 }
 
-// textFrame returns body as a complete WebSocket text frame, as a server
-// sends it: unmasked, so the same bytes serve every browser.
-func textFrame(body []byte) []byte {
-	frame := appendTextHeader(make([]byte, 0, 10+len(body)), len(body))
-	return append(frame, body...)
-}
-
 // appendTextHeader appends the header of an unmasked, final text frame
 // whose payload is size bytes.
 func appendTextHeader(dst []byte, size int) []byte {

@@ -111,7 +111,7 @@ function connect() {
   const joined = room;
   const since = lastOffset.get(joined);
   const query = since === undefined ? `history=${historyLines}` : `since=${since}`;
-  const ws = new WebSocket(`${scheme}//${location.host}/ws?room=${joined}&${query}`, "wsamqp.v1");
+  const ws = new WebSocket(`${scheme}//${location.host}/ws?room=${joined}&${query}&journey=1`, "wsamqp.v1");
   socket = ws;
   setStatus("connecting", "connecting…");
   let restored = 0;
