@@ -5,12 +5,14 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/http"
 	"regexp"
 	"strings"
 	"testing"
 
 	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -183,6 +185,38 @@ func TestMetricsAddrMovesThem(t *testing.T) {
 		resp.Body.Close()
 		if resp.StatusCode != want {
 			t.Errorf("GET %s: %d, want %d", url, resp.StatusCode, want)
+		}
+	}
+}
+
+// The latency histogram counts like Prometheus' own histogram with the
+// same buckets, at the edges of every bucket and between them.
+func TestLatencyHistogramMatchesPrometheus(t *testing.T) {
+	ours := newLatencyHistogram()
+	theirs := prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "x", Buckets: prometheus.ExponentialBuckets(latencyFirst.Seconds(), 2, latencyBuckets),
+	})
+	var c latencyCounts
+	for _, d := range []int64{-5, 0, 1, 499_999, 500_000, 500_001, 1_000_000, 1_000_001, 3_000_000, 4_096_000_000, 4_096_000_001, 9e9} {
+		c.add(d)
+		theirs.Observe(float64(d) / 1e9)
+	}
+	ours.add(&c)
+	read := func(col prometheus.Collector) *dto.Histogram {
+		ch := make(chan prometheus.Metric, 1)
+		col.Collect(ch)
+		var m dto.Metric
+		must(t, (<-ch).Write(&m))
+		return m.GetHistogram()
+	}
+	a, b := read(ours), read(theirs)
+	if a.GetSampleCount() != b.GetSampleCount() || math.Abs(a.GetSampleSum()-b.GetSampleSum()) > 1e-9 {
+		t.Errorf("count %d sum %g, want %d and %g", a.GetSampleCount(), a.GetSampleSum(), b.GetSampleCount(), b.GetSampleSum())
+	}
+	for i, bucket := range b.GetBucket() {
+		got := a.GetBucket()[i]
+		if got.GetUpperBound() != bucket.GetUpperBound() || got.GetCumulativeCount() != bucket.GetCumulativeCount() {
+			t.Errorf("bucket le=%g: %d, want le=%g: %d", got.GetUpperBound(), got.GetCumulativeCount(), bucket.GetUpperBound(), bucket.GetCumulativeCount())
 		}
 	}
 }
