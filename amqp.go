@@ -314,10 +314,18 @@ func (p *AMQPPlugin) setUp(up bool) {
 }
 
 // amqp2ws hands messages from the stream to the bus for the browsers of
-// their rooms, in one publish, leaving out those that repeat one already
-// handed over (a republished copy); it runs on the consuming goroutine.
+// their rooms, as few publishes as the bounds on a batch allow, leaving out
+// those that repeat one already handed over (a republished copy); it runs
+// on the consuming goroutine.
 func (p *AMQPPlugin) amqp2ws(ds []amqp.Delivery) {
-	msgs := p.msgs[:0]
+	msgs, size := p.msgs[:0], 0
+	flush := func() {
+		if len(msgs) > 0 {
+			p.bus.Publish(ChannelAMQP2WS, msgs)
+		}
+		clear(msgs) // let the bodies go
+		msgs, size = msgs[:0], 0
+	}
 	now := time.Now().UnixNano()
 	for _, d := range ds {
 		offset, ok := streamOffset(d)
@@ -335,13 +343,25 @@ func (p *AMQPPlugin) amqp2ws(ds []amqp.Delivery) {
 		for range dups {
 			p.metrics.droppedMessage("duplicate")
 		}
+		if size += len(d.Body); len(msgs) >= maxBusBatch || size >= maxBusBatchBytes {
+			flush()
+		}
 	}
-	if len(msgs) > 0 {
-		p.bus.Publish(ChannelAMQP2WS, msgs)
+	flush()
+	if cap(msgs) > 2*maxBusBatch {
+		msgs = nil // a burst of packs' worth is let go
 	}
-	clear(msgs) // let the bodies go
 	p.msgs = msgs
 }
+
+// Bounds on one publish on amqp2ws: a batch is framed once and queued
+// whole for each browser of its room, so it must fit well within a
+// browser's send queue (-send-queue, -send-queue-bytes), however many
+// packs the stream delivered at once.
+const (
+	maxBusBatch      = 1024
+	maxBusBatchBytes = 256 << 10
+)
 
 // appendMessages appends to msgs the browser messages that d, read from
 // the stream at offset, holds: d itself, or the messages of its pack,
@@ -350,8 +370,9 @@ func (p *AMQPPlugin) amqp2ws(ds []amqp.Delivery) {
 func appendMessages(msgs []Message, d amqp.Delivery, offset int64, seen *dedupe, now int64) ([]Message, int, error) {
 	room := cmp.Or(d.RoutingKey, LobbyRoom)
 	published, _ := d.Headers[publishedHeader].(int64)
+	ours := d.AppId == "wsamqp" // its ids are wsamqp's, worth checking for copies
 	if d.ContentType != packContentType {
-		if d.AppId == "wsamqp" && seen.duplicate(d.MessageId, d.Body) {
+		if ours && seen.duplicate(d.MessageId, d.Body) {
 			return msgs, 1, nil
 		}
 		sent, _ := d.Headers[receivedHeader].(int64)
@@ -366,7 +387,7 @@ func appendMessages(msgs []Message, d amqp.Delivery, offset int64, seen *dedupe,
 	}
 	dups := 0
 	for i, r := range recs {
-		if seen.duplicate(r.id, r.body) {
+		if ours && seen.duplicate(r.id, r.body) {
 			dups++
 			continue
 		}

@@ -222,10 +222,11 @@ func (h *Hub) refuse(msg Message) error {
 // enqueue queues a room's batch for the writer, and wakes it. It reports
 // false, queueing nothing, when the browser would then have more than
 // SendQueue messages or SendQueueBytes bytes waiting: it is not keeping
-// up.
+// up. A browser with nothing waiting takes any batch: it is keeping up,
+// and a batch is bounded (maxBusBatch) and shared.
 func (c *client) enqueue(f *framedBatch) bool {
 	c.mu.Lock()
-	full := c.lines+f.n > c.hub.cfg.SendQueue || c.queued+f.bytes > c.hub.cfg.SendQueueBytes
+	full := c.lines > 0 && (c.lines+f.n > c.hub.cfg.SendQueue || c.queued+f.bytes > c.hub.cfg.SendQueueBytes)
 	if !full {
 		c.queue = append(c.queue, f.items...)
 		c.lines += f.n
