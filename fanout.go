@@ -97,6 +97,7 @@ type roomBatch struct {
 	room    string
 	msgs    []Message
 	lines   [][]byte  // their wsamqp.v1 lines, as the cache keeps them
+	sent    []int64   // when each reached a bridge, shared by every framing
 	members []*client // who was in the room when the batch was cached
 
 	framed [kinds]*framedBatch
@@ -124,7 +125,6 @@ func (rb *roomBatch) frames(kind int) *framedBatch {
 		return f
 	}
 	parts := make([][]byte, len(rb.msgs))
-	sent := make([]int64, len(rb.msgs))
 	for i, msg := range rb.msgs {
 		switch kind {
 		case kindRaw:
@@ -134,9 +134,8 @@ func (rb *roomBatch) frames(kind int) *framedBatch {
 		case kindJourney:
 			parts[i] = encodeLine(msg, true)
 		}
-		sent[i] = msg.Sent
 	}
-	f := &framedBatch{items: frameItems(parts, sent, kind != kindRaw), n: len(parts)}
+	f := &framedBatch{items: frameItems(parts, rb.sent, kind != kindRaw), n: len(parts)}
 	for _, it := range f.items {
 		f.bytes += int64(len(it.b))
 	}
@@ -169,6 +168,7 @@ func (h *Hub) broadcast(msgs []Message) error {
 		}
 		rb.msgs = append(rb.msgs, msg)
 		rb.lines = append(rb.lines, lines[i])
+		rb.sent = append(rb.sent, msg.Sent)
 	}
 	h.metrics.deliveries(len(msgs) - len(errs))
 
